@@ -1,0 +1,107 @@
+"""`loramix` command line: parse arguments, dispatch, and turn user mistakes into one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from loramix.errors import LoramixError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loramix", description="LoRA fine-tuning of small causal LMs on a mixture of text datasets.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA adapter (the seed recipe: -c configs/seed.yaml)")
+    t.add_argument("-c", "--config", help="YAML preset, e.g. configs/demo.yaml (default: built-in defaults)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.r=16 train.epochs=1")
+    t.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>, or runs/<name>-N if taken)")
+    t.add_argument("--dry-run", action="store_true", help="print the plan and exit; train and write nothing")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+
+    e = sub.add_parser("eval", help="recompute a run's validation metrics from its adapter")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--out", type=Path, help="also write the metrics as JSON to this file")
+
+    c = sub.add_parser("config", help="print the resolved config, or every key with its default and doc")
+    c.add_argument("-c", "--config")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.add_argument("--keys", action="store_true", help="list every key, its default and what it does")
+
+    for s in (t, e, c):
+        s.add_argument("--debug", action="store_true", help="show tracebacks")
+        s.add_argument("--quiet", action="store_true", help="print only errors and final results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except LoramixError as e:
+        if args.debug:
+            raise
+        print(f"loramix: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loramix: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    import yaml
+
+    from loramix.config import describe_keys, load_config
+
+    log = (lambda *a, **k: None) if args.quiet else print
+    if args.command == "config":
+        if args.keys:
+            for key, default, doc in describe_keys():
+                print(f"{key:<32} {default:<24} {doc}")
+            return 0
+        print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+        return 0
+    _quiet_libraries()
+    if args.command == "train":
+        from loramix.rundir import default_run_dir
+        from loramix.train import train
+
+        cfg = load_config(args.config, args.overrides)
+        log("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
+        run_dir = args.run_dir or default_run_dir(cfg.name)
+        result = train(cfg, run_dir, dry_run=args.dry_run, overwrite=args.overwrite, log=log)
+        if result.run_dir:
+            print(f"run dir: {result.run_dir}  (loramix eval {result.run_dir})")
+        return 0
+    if args.command == "eval":
+        import json
+
+        from loramix.evaluate import evaluate_run, format_table
+
+        metrics = evaluate_run(args.run_dir, log)
+        print(format_table(metrics))
+        if args.out:
+            args.out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars for cached files, advisory warnings) buries loramix's own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

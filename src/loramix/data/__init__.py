@@ -1,0 +1,1 @@
+"""The data stages: sources -> mixture -> tokens -> packing; `prepare.prepare_data` runs them in order."""

@@ -1,0 +1,158 @@
+"""Sources: a dataset (Hub or local file) -> rows in their own schema -> documents via a text template.
+
+A source yields `Document`s: the text and the row's index in the split it was read from (the id the
+manifest hashes). Rows whose rendered text is blank are skipped (wikitext's empty lines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from loramix.errors import LoramixError
+
+if TYPE_CHECKING:
+    from loramix.config import DataConfig, SourceConfig
+
+# The seed's eight datasets. Templates use the datasets' own field names (Python format syntax).
+BUILTIN_SOURCES: dict[str, dict] = {
+    "wikitext": {"hub_id": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "template": "{text}"},
+    "tinystories": {"hub_id": "roneneldan/TinyStories", "template": "{text}"},
+    "ag_news": {"hub_id": "ag_news", "template": "{text}"},
+    "yelp_review_full": {"hub_id": "yelp_review_full", "template": "{text}"},
+    "cnn_dailymail": {"hub_id": "cnn_dailymail", "subset": "3.0.0", "template": "{article}\n\nSummary: {highlights}"},
+    "xsum": {"hub_id": "xsum", "template": "{document}\n\nSummary: {summary}"},
+    "squad": {"hub_id": "squad", "template": "{context}\n\nQuestion: {question}\nAnswer: {answers[text][0]}"},
+    "imdb": {"hub_id": "imdb", "template": "{text}"},
+}
+
+_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_CHUNK = 2048  # rows rendered per slice: sampling a 2M-row split never materialises it as Python objects
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str
+    row: int  # index of the row in the split it was read from
+    text: str
+
+
+def source_path(name: str, spec: SourceConfig, data: DataConfig) -> Path | None:
+    """The local file a source reads, if any: its own `path`, else `<local_dir>/<name>.jsonl`."""
+    if spec.path:
+        return Path(spec.path).expanduser()
+    if data.local_dir:
+        return Path(data.local_dir).expanduser() / f"{name}.jsonl"
+    return None
+
+
+def load_documents(name: str, spec: SourceConfig, data: DataConfig, cap: int | None) -> list[Document]:
+    """Read a source, sample up to `cap` non-blank documents (seeded), in sampled order.
+
+    Raises:
+        LoramixError: missing/unreadable file, unreachable Hub dataset, template naming an absent
+            field, or no usable rows.
+    """
+    path = source_path(name, spec, data)
+    table = _load_local(name, path) if path else _load_hub(name, spec)
+    _check_template(name, spec.template, table.column_names)
+    order = np.random.default_rng([data.seed, _stable_id(name)]).permutation(len(table))
+    docs = list(_render(name, spec.template, table, order, cap))
+    if not docs:
+        where = path or spec.hub_id
+        raise LoramixError(f"source '{name}' has no usable rows in {where} (every rendered text is blank); check the file or data.sources.{name}.template")
+    return docs
+
+
+def _stable_id(name: str) -> int:
+    """A per-source seed component that does not depend on Python's salted str hash."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def _render(name: str, template: str, table, order: np.ndarray, cap: int | None) -> Iterator[Document]:
+    taken = 0
+    for start in range(0, len(order), _CHUNK):
+        idx = order[start : start + _CHUNK]
+        for row_id, row in zip(idx.tolist(), table.select(idx).to_list()):
+            try:
+                text = template.format(**row)
+            except (KeyError, IndexError, TypeError, AttributeError) as e:
+                raise LoramixError(f"source '{name}': template {template!r} fails on row {row_id} ({type(e).__name__}: {e}); fix data.sources.{name}.template") from e
+            if text.strip():
+                yield Document(name, row_id, text)
+                taken += 1
+                if cap is not None and taken >= cap:
+                    return
+
+
+def _check_template(name: str, template: str, columns: list[str]) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise LoramixError(f"source '{name}': template {template!r} is not a valid format string ({e}); fix data.sources.{name}.template") from e
+    for f in fields:
+        root = f.split("[", 1)[0].split(".", 1)[0]
+        if not root or root.isdigit():
+            raise LoramixError(f"source '{name}': template {template!r} has a positional field; name a column ({', '.join(columns)})")
+        if root not in columns:
+            raise LoramixError(f"source '{name}': template names field '{root}' which the data lacks (fields: {', '.join(columns)}); fix data.sources.{name}.template")
+
+
+def _load_hub(name: str, spec: SourceConfig):
+    import datasets
+
+    if not spec.hub_id:
+        raise LoramixError(f"source '{name}' has neither hub_id nor path; set data.sources.{name}.path=FILE or data.local_dir=DIR")
+    try:
+        return datasets.load_dataset(spec.hub_id, spec.subset, split=spec.split)
+    except (ConnectionError, OSError, FileNotFoundError, ValueError) as e:
+        if isinstance(e, ValueError) and "split" in str(e).lower():
+            raise LoramixError(f"source '{name}': {spec.hub_id} has no split '{spec.split}'; set data.sources.{name}.split") from e
+        raise LoramixError(
+            f"source '{name}': cannot load '{spec.hub_id}' from the Hugging Face Hub or its cache ({type(e).__name__}); "
+            f"offline, point it at local files: data.local_dir=DIR with {name}.jsonl, or data.sources.{name}.path=FILE"
+        ) from e
+
+
+def _load_local(name: str, path: Path):
+    import datasets
+
+    fmt = _LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise LoramixError(f"source '{name}': {path} has an unsupported extension; use one of {', '.join(_LOCAL_FORMATS)}")
+    if not path.is_file():
+        raise LoramixError(f"source '{name}': file {path} does not exist; fix data.local_dir or data.sources.{name}.path")
+    if fmt in ("json", "text", "csv"):
+        _check_text_file(name, path, jsonl=path.suffix.lower() == ".jsonl")
+    try:
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parser errors in several types; the file check above names lines
+        raise LoramixError(f"source '{name}': cannot read {path} as {fmt} ({_short(e)}); fix or convert the file") from e
+
+
+def _check_text_file(name: str, path: Path, jsonl: bool) -> None:
+    """Name the file and line of the first encoding or JSON Lines error (datasets' own errors do not)."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LoramixError(f"source '{name}': {path} line {lineno} is not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from e
+            if jsonl and line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LoramixError(f"source '{name}': {path} line {lineno} is not valid JSON ({e.msg}, column {e.colno}); fix that line") from e
+                if not isinstance(row, dict):
+                    raise LoramixError(f"source '{name}': {path} line {lineno} is not a JSON object; each line must be {{\"field\": ...}}")
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

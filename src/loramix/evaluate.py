@@ -1,0 +1,120 @@
+"""Validation metrics in one pass: token-weighted loss, perplexity, bits per token and per byte,
+overall and per source, with throughput.
+
+loss = sum of NLL over all target tokens / number of target tokens, so it does not depend on batch
+size, padding or packing. bits per byte = total NLL in bits / UTF-8 bytes of the scored tokens, which
+compares across tokenizers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loramix.data.packing import IGNORE, Batch, batches
+from loramix.errors import LoramixError
+from loramix import rundir
+from loramix.model import base_fingerprint, load_adapter, token_nll
+from loramix.runtime import autocast_for, resolve_device, setup
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (special tokens: 0).
+
+    For byte-level BPE (GPT-2) every character of a vocabulary entry is one byte, so the length of the
+    entry is exact even for tokens holding part of a multi-byte character; other tokenizers decode.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    byte_chars = set(ByteLevel.alphabet())  # the 256 characters byte-level BPE uses, one per byte
+    special = set(tokenizer.all_special_ids)
+    lengths = np.zeros(len(tokenizer), dtype=np.int64)
+    for token, i in tokenizer.get_vocab().items():
+        if i in special or i >= len(lengths):
+            continue
+        lengths[i] = len(token) if set(token) <= byte_chars else len(tokenizer.decode([i]).encode("utf-8"))
+    return lengths
+
+
+def summarize(nll: float, tokens: int, nbytes: int) -> dict:
+    loss = nll / tokens if tokens else float("nan")
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss) if tokens else float("nan"),
+        "bpt": loss / math.log(2),
+        "bpb": nll / math.log(2) / nbytes if nbytes else float("nan"),
+        "tokens": tokens,
+        "bytes": nbytes,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[Batch], sources: list[str], token_bytes: np.ndarray, device, autocast=contextlib.nullcontext) -> dict:
+    """Metrics overall and per source over `batches`; the model is left in eval mode's caller state."""
+    was_training = model.training
+    model.eval()
+    S = len(sources)
+    nll_sum = torch.zeros(S, dtype=torch.float64, device=device)
+    tok_sum = torch.zeros(S, dtype=torch.int64, device=device)
+    byte_sum = torch.zeros(S, dtype=torch.int64, device=device)
+    bytes_of = torch.from_numpy(token_bytes).to(device)
+    samples = 0
+    start = time.perf_counter()
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast():
+            nll = token_nll(model, batch)
+        keep = batch.targets != IGNORE
+        src = batch.target_source[keep]
+        nll_sum.index_add_(0, src, nll[keep].double())
+        tok_sum.index_add_(0, src, torch.ones_like(src))
+        byte_sum.index_add_(0, src, bytes_of[batch.targets[keep]])
+        samples += batch.n_docs
+    nll_sum, tok_sum, byte_sum = nll_sum.cpu().tolist(), tok_sum.cpu().tolist(), byte_sum.cpu().tolist()
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    per_source = {name: summarize(nll_sum[i], tok_sum[i], byte_sum[i]) for i, name in enumerate(sources)}
+    return {
+        "overall": summarize(sum(nll_sum), sum(tok_sum), sum(byte_sum)),
+        "per_source": per_source,
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds if seconds else float("nan"),
+        "tokens_per_s": sum(tok_sum) / seconds if seconds else float("nan"),
+    }
+
+
+def format_table(metrics: dict) -> str:
+    """The metrics as a fixed-width table: one row per source, then the overall row."""
+    head = f"{'source':<18} {'tokens':>10} {'loss':>8} {'ppl':>9} {'bpt':>7} {'bpb':>7}"
+    lines = [head, "-" * len(head)]
+    rows = list(metrics["per_source"].items()) + [("overall", metrics["overall"])]
+    for name, m in rows:
+        lines.append(f"{name:<18} {m['tokens']:>10,} {m['loss']:>8.4f} {m['ppl']:>9.2f} {m['bpt']:>7.3f} {m['bpb']:>7.3f}")
+    lines.append(f"{metrics['samples']:,} samples in {metrics['seconds']:.2f} s: {metrics['samples_per_s']:.1f} samples/s, {metrics['tokens_per_s']:,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def evaluate_run(run_dir: Path, log=print) -> dict:
+    """Recompute a finished run's validation metrics from its saved config and adapter.
+
+    Raises:
+        LoramixError: not a run dir, no adapter yet, or a base model that differs from the one trained.
+    """
+    cfg = rundir.load_run_config(run_dir)
+    adapter = Path(run_dir) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise LoramixError(f"{run_dir} has no adapter yet (unfinished run?); train it to the end first")
+    device, precision = resolve_device(cfg.train)
+    tokenizer, data, model = setup(cfg, log)
+    expected = rundir.read_json(Path(run_dir) / "run.json").get("base_fingerprint")
+    if expected and base_fingerprint(model) != expected:
+        raise LoramixError(f"the base model '{cfg.model.name}' differs from the one {run_dir} was trained on; restore that base model")
+    model = load_adapter(model, adapter).to(device)
+    val = batches(data.val_rows, cfg.eval.batch_size, tokenizer.eos_token_id)
+    return evaluate(model, val, data.mixture.sources, token_byte_lengths(tokenizer), device, autocast_for(device, precision))

