@@ -153,6 +153,13 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+class _Override(typing.NamedTuple):
+    """A command-line value: its text for string fields (a template like '{body}' is not YAML), parsed otherwise."""
+
+    text: str
+    value: Any
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
@@ -165,6 +172,8 @@ def _apply_override(raw: dict, item: str) -> None:
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
+        if isinstance(child, _Override):
+            child = child.value
         if isinstance(child, list):  # `sources: [a, b]` shorthand: expand so a.b.c can reach into it
             child = {name: {} for name in child}
         if child is None:
@@ -173,7 +182,7 @@ def _apply_override(raw: dict, item: str) -> None:
             raise LoramixError(f"override '{item}': '{part}' is a value, not a section")
         node[part] = child
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = _Override(text, value)
 
 
 def _build(cls, raw: Any, prefix: str, errors: list[str]):
@@ -209,10 +218,12 @@ def _convert(tp, value, key: str, errors: list[str], check: str | None = None):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if (value.value if isinstance(value, _Override) else value) is None and type(None) in args:
             return None
         (tp,) = [a for a in args if a is not type(None)]
         return _convert(tp, value, key, errors, check)
+    if isinstance(value, _Override):
+        value = value.text if tp is str else value.value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".", errors)
     if origin is Literal:

@@ -26,6 +26,16 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
+def _resolve(mc: ModelConfig) -> str:
+    """The name to hand to transformers: a Hub id as is, a local dir expanded and checked."""
+    if not _is_local(mc.name):
+        return mc.name
+    path = Path(mc.name).expanduser()
+    if not path.is_dir():
+        raise LoramixError(f"model directory {path} does not exist; fix model.name (a Hub id like gpt2 or a local model dir)")
+    return str(path)
+
+
 def _gpt2_family(name: str) -> bool:
     return name.split("/")[-1] in _GPT2_FAMILY
 
@@ -34,7 +44,7 @@ def load_tokenizer(mc: ModelConfig):
     """The model's fast tokenizer: local dir, HF cache, GPT-2's bundled vocabulary, then the Hub."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
-    name = str(Path(mc.name).expanduser()) if _is_local(mc.name) else mc.name
+    name = _resolve(mc)
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError):
@@ -67,10 +77,7 @@ def load_base_model(mc: ModelConfig, seq_len: int):
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-    local = _is_local(mc.name)
-    name = str(Path(mc.name).expanduser()) if local else mc.name
-    if local and not Path(name).is_dir():
-        raise LoramixError(f"model directory {name} does not exist; fix model.name (a Hub id like gpt2 or a local model dir)")
+    name = _resolve(mc)
     sizes = {k: v for k in ("n_layer", "n_embd", "n_head") if (v := getattr(mc, k)) is not None}
     if mc.init == "pretrained":
         if sizes:

@@ -1,0 +1,185 @@
+import json
+
+import numpy as np
+import pytest
+
+from loramix.config import load_config
+from loramix.data.mixture import build_mixture
+from loramix.data.packing import IGNORE, Segment, collate, make_segments
+from loramix.data.sources import load_documents
+from loramix.data.tokens import tokenize_documents
+from loramix.errors import LoramixError
+from loramix.model import load_tokenizer
+
+from conftest import REAL_DATA
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _cfg(tmp_path, overrides):
+    return load_config(None, [f"data.local_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(load_config(None).model)
+
+
+def test_templates_render_nested_fields_and_skip_blank_rows(tmp_path):
+    _write_jsonl(tmp_path / "squad.jsonl", [
+        {"context": "C1", "question": "Q1?", "answers": {"text": ["A1", "x"], "answer_start": [0, 1]}},
+        {"context": "C2", "question": "Q2?", "answers": {"text": ["A2"], "answer_start": [0]}},
+    ])
+    _write_jsonl(tmp_path / "wikitext.jsonl", [{"text": ""}, {"text": " = T = \n"}, {"text": "   \n"}, {"text": " body \n"}])
+    cfg = _cfg(tmp_path, ["data.sources=[squad, wikitext]", "data.cap=null"])
+    squad = load_documents("squad", cfg.data.sources["squad"], cfg.data, None)
+    assert sorted(d.text for d in squad) == ["C1\n\nQuestion: Q1?\nAnswer: A1", "C2\n\nQuestion: Q2?\nAnswer: A2"]
+    wiki = load_documents("wikitext", cfg.data.sources["wikitext"], cfg.data, None)
+    assert sorted((d.row, d.text) for d in wiki) == [(1, " = T = \n"), (3, " body \n")]
+
+
+def test_cap_is_a_seeded_sample(tmp_path):
+    _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"review {i}", "label": 0} for i in range(50)])
+    cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
+    spec = cfg.data.sources["imdb"]
+    a = [d.row for d in load_documents("imdb", spec, cfg.data, 10)]
+    b = [d.row for d in load_documents("imdb", spec, cfg.data, 10)]
+    c = [d.row for d in load_documents("imdb", spec, load_config(None, [f"data.local_dir={tmp_path}", "data.seed=1"]).data, 10)]
+    assert a == b and len(set(a)) == 10 and a != c and a != list(range(10))
+
+
+def test_stratified_split_and_manifest(tmp_path):
+    _write_jsonl(tmp_path / "ag_news.jsonl", [{"text": f"news {i}", "label": 1} for i in range(100)])
+    _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"film {i}", "label": 0} for i in range(40)])
+    cfg = _cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.2"])
+    mix = build_mixture(cfg.data, log=lambda *a: None)
+    m = mix.manifest["sources"]
+    assert (m["ag_news"]["train"], m["ag_news"]["val"], m["imdb"]["train"], m["imdb"]["val"]) == (80, 20, 32, 8)
+    assert sum(d.source == "imdb" for d in mix.val) == 8
+    assert not {(d.source, d.row) for d in mix.train} & {(d.source, d.row) for d in mix.val}
+    again = build_mixture(cfg.data, log=lambda *a: None)
+    assert again.manifest == mix.manifest
+    other = build_mixture(_cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.2", "data.seed=7"]).data, log=lambda *a: None)
+    assert other.manifest["sources"]["imdb"]["val_ids_sha256"] != m["imdb"]["val_ids_sha256"]
+
+
+def test_weights_scale_training_side_only(tmp_path):
+    _write_jsonl(tmp_path / "ag_news.jsonl", [{"text": f"news {i}"} for i in range(20)])
+    _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"film {i}"} for i in range(20)])
+    cfg = _cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.25", "data.sources.imdb.weight=2.5", "data.sources.ag_news.weight=0.4"])
+    mix = build_mixture(cfg.data, log=lambda *a: None)
+    counts = {s: sum(d.source == s for d in mix.train) for s in ("ag_news", "imdb")}
+    assert counts == {"ag_news": 6, "imdb": 38}
+    assert sum(d.source == "imdb" for d in mix.val) == 5
+
+
+def test_eos_appended_and_tokens_cached(tmp_path, tokenizer):
+    from loramix.data.sources import Document
+
+    docs = [Document("a", 0, "Hello world"), Document("a", 1, "Hi")]
+    logs = []
+    first = tokenize_documents(docs, tokenizer, str(tmp_path), logs.append)
+    assert [t.tolist() for t in first] == [[15496, 995, 50256], [17250, 50256]]
+    second = tokenize_documents(docs, tokenizer, str(tmp_path), logs.append)
+    assert "from cache" in logs[-1] and [t.tolist() for t in second] == [t.tolist() for t in first]
+
+
+def test_targets_keep_eos_and_skip_padding():
+    eos = 50256
+    rows = [[Segment(0, np.array([5, 6, 7, eos], np.int32))], [Segment(1, np.array([8, eos], np.int32))]]
+    b = collate(rows, pad_id=eos)
+    assert b.input_ids.tolist() == [[5, 6, 7, eos], [8, eos, eos, eos]]
+    assert b.targets.tolist() == [[6, 7, eos, IGNORE], [eos, IGNORE, IGNORE, IGNORE]]
+    assert b.target_source.tolist() == [[0, 0, 0, -1], [1, -1, -1, -1]]
+    assert b.segment_ids.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]]
+    assert b.n_targets == 4
+
+
+def test_packed_row_targets_never_cross_documents():
+    eos = 50256
+    row = [Segment(0, np.array([1, 2, eos], np.int32)), Segment(2, np.array([3, eos], np.int32))]
+    b = collate([row], pad_id=eos)
+    assert b.targets.tolist() == [[2, eos, IGNORE, eos, IGNORE]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    assert b.target_source.tolist() == [[0, 0, -1, 2, -1]]
+
+
+def test_truncate_or_split_long_documents():
+    toks = [np.arange(10, dtype=np.int32), np.arange(3, dtype=np.int32)]
+    trunc = make_segments(toks, [0, 1], seq_len=4, long_docs="truncate")
+    assert [s.tokens.tolist() for s in trunc] == [[0, 1, 2, 3], [0, 1, 2]]
+    split = make_segments(toks, [0, 1], seq_len=4, long_docs="split")
+    assert [s.tokens.tolist() for s in split] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1, 2]]
+    assert [s.source for s in split] == [0, 0, 0, 1]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_template_naming_absent_field(tmp_path):
+    _write_jsonl(tmp_path / "xsum.jsonl", [{"text": "x"}])
+    cfg = _cfg(tmp_path, ["data.sources=[xsum]"])
+    with pytest.raises(LoramixError, match=r"template names field 'document' which the data lacks \(fields: text\); fix data.sources.xsum.template"):
+        load_documents("xsum", cfg.data.sources["xsum"], cfg.data, None)
+
+
+def test_no_usable_rows(tmp_path):
+    _write_jsonl(tmp_path / "imdb.jsonl", [{"text": "  "}, {"text": ""}])
+    cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
+    with pytest.raises(LoramixError, match="source 'imdb' has no usable rows"):
+        load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+
+
+def test_too_few_rows_to_split(tmp_path):
+    _write_jsonl(tmp_path / "imdb.jsonl", [{"text": "only one"}])
+    cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
+    with pytest.raises(LoramixError, match="too few to hold out"):
+        build_mixture(cfg.data, log=lambda *a: None)
+
+
+def test_missing_local_file(tmp_path):
+    cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
+    with pytest.raises(LoramixError, match=r"imdb.jsonl does not exist; fix data.local_dir or data.sources.imdb.path"):
+        load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+
+
+def test_invalid_jsonl_names_file_and_line(tmp_path):
+    (tmp_path / "imdb.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n', encoding="utf-8")
+    cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
+    with pytest.raises(LoramixError, match=r"imdb.jsonl line 2 is not valid JSON"):
+        load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+
+
+def test_non_utf8_file(tmp_path):
+    (tmp_path / "imdb.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
+    with pytest.raises(LoramixError, match=r"imdb.jsonl line 1 is not UTF-8"):
+        load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+
+
+def test_other_local_formats(tmp_path):
+    (tmp_path / "r.csv").write_text("text,label\nfirst review,1\nsecond review,0\n", encoding="utf-8")
+    cfg = load_config(None, ["data.sources=[imdb]", f"data.sources.imdb.path={tmp_path / 'r.csv'}"])
+    docs = load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+    assert sorted(d.text for d in docs) == ["first review", "second review"]
+
+
+def test_unreachable_hub_source_says_how_to_use_local_files():
+    cfg = load_config(None, ["data.sources=[imdb]", "data.sources.imdb.hub_id=no-such-org/no-such-dataset"])
+    with pytest.raises(LoramixError) as e:
+        load_documents("imdb", cfg.data.sources["imdb"], cfg.data, 10)
+    assert "data.local_dir=DIR with imdb.jsonl, or data.sources.imdb.path=FILE" in str(e.value)
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real")
+def test_real_samples_render_with_builtin_templates():
+    cfg = load_config(None, [f"data.local_dir={REAL_DATA}", "data.cap=5"])
+    for name, spec in cfg.data.sources.items():
+        docs = load_documents(name, spec, cfg.data, 5)
+        assert len(docs) == 5 and all(d.text.strip() for d in docs)
+    squad = load_documents("squad", cfg.data.sources["squad"], cfg.data, 1)[0].text
+    assert "\n\nQuestion: " in squad and "\nAnswer: " in squad

@@ -1,0 +1,190 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from loramix.cli import main
+from loramix.config import load_config
+from loramix.data.packing import Segment, collate
+from loramix.evaluate import evaluate, summarize, token_byte_lengths
+from loramix.model import attach_lora, load_base_model, load_tokenizer, token_nll
+from loramix.train import epoch_windows, lr_at, train
+
+from conftest import REAL_DATA, ROOT
+
+
+def test_schedule_warmup_then_linear_decay():
+    lrs = [lr_at(s, total=10, warmup=4, peak=1.0) for s in range(10)]
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert lr_at(0, total=3, warmup=100, peak=3e-4) == pytest.approx(3e-6)
+
+
+def test_epoch_order_is_seeded_and_covers_every_row():
+    tc = load_config(None, ["train.micro_batch=3", "train.grad_accum=2"]).train
+    w0, w0b, w1 = epoch_windows(10, tc, 0), epoch_windows(10, tc, 0), epoch_windows(10, tc, 1)
+    flat = lambda w: np.concatenate([m for step in w for m in step]).tolist()
+    assert flat(w0) == flat(w0b) != flat(w1)
+    assert sorted(flat(w0)) == list(range(10))
+    assert [len(step) for step in w0] == [2, 2] and [len(m) for m in w0[-1]] == [3, 1]
+
+
+def test_metric_math():
+    m = summarize(nll=2 * math.log(2) * 10, tokens=10, nbytes=40)
+    assert m["loss"] == pytest.approx(2 * math.log(2))
+    assert m["ppl"] == pytest.approx(4.0)
+    assert m["bpt"] == pytest.approx(2.0)
+    assert m["bpb"] == pytest.approx(0.5)
+
+
+def test_token_bytes_are_utf8_bytes():
+    tok = load_tokenizer(load_config(None).model)
+    lengths = token_byte_lengths(tok)
+    text = "Caf\u00e9 na\u00efve \u2014 \U0001F600 ok"
+    ids = tok(text)["input_ids"]
+    assert lengths[ids].sum() == len(text.encode("utf-8"))
+    assert lengths[tok.eos_token_id] == 0
+
+
+def _tiny_model(seed=0):
+    """Deterministic: eval mode switches off GPT-2's own dropout (gradients still flow)."""
+    cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "lora.dropout=0"])
+    return attach_lora(load_base_model(cfg.model, 64), cfg.lora, seed).eval()
+
+
+def _rows(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[Segment(i % 3, rng.integers(0, 50000, n).astype(np.int32))] for i, n in enumerate(lengths)]
+
+
+def test_accumulation_is_token_exact():
+    """Two uneven micro-batches normalised by the window's tokens give the one-batch gradient."""
+    rows = _rows([30, 5, 12, 40])
+    grads = []
+    for split in ([rows], [rows[:1], rows[1:]], [rows[:3], rows[3:]]):
+        model = _tiny_model()
+        batches = [collate(r, 50256) for r in split]
+        n = sum(b.n_targets for b in batches)
+        for b in batches:
+            (token_nll(model, b).sum() / n).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_eval_loss_independent_of_batch_size():
+    model = _tiny_model()
+    rows = _rows([30, 5, 12, 40, 7, 19])
+    tb = token_byte_lengths(load_tokenizer(load_config(None).model))
+    results = [evaluate(model, [collate(rows[i : i + bs], 50256) for i in range(0, 6, bs)], ["a", "b", "c"], tb, "cpu") for bs in (1, 4, 6)]
+    for r in results[1:]:
+        assert r["overall"]["loss"] == pytest.approx(results[0]["overall"]["loss"], rel=1e-6)
+        assert r["per_source"]["b"]["loss"] == pytest.approx(results[0]["per_source"]["b"]["loss"], rel=1e-6)
+    assert results[0]["overall"]["tokens"] == sum([29, 4, 11, 39, 6, 18])
+
+
+def test_chunked_loss_equals_full_logits():
+    model = _tiny_model()
+    batch = collate(_rows([30, 5, 12]), 50256)
+    full = torch.nn.functional.cross_entropy(
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=(batch.segment_ids > 0).long()).logits.transpose(1, 2),
+        batch.targets, ignore_index=-100, reduction="none")
+    chunked = token_nll(model, batch, chunk=7)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(chunked.sum(), [p for p in model.parameters() if p.requires_grad])
+    g2 = torch.autograd.grad(token_nll(model, batch).sum(), [p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(g1, g2):  # float32 sums in another order: equal to rounding, not bit-equal
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    from conftest import TINY
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
+    return train(cfg, run_dir, log=lambda *a: None)
+
+
+def test_run_dir_files_and_metric_rows(tiny_run):
+    d = tiny_run.run_dir
+    assert sorted(p.name for p in d.iterdir()) == ["adapter", "config.yaml", "eval.json", "manifest.json", "metrics.jsonl", "run.json"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (d / "adapter").iterdir()}
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    plan = tiny_run.plan
+    train_rows = [r for r in rows if r["event"] == "train"]
+    eval_rows = [r for r in rows if r["event"] == "eval"]
+    assert [r["step"] for r in train_rows] == list(range(2, plan.total_steps + 1, 2)) + ([plan.total_steps] if plan.total_steps % 2 else [])
+    assert [r["step"] for r in eval_rows] == [s for s in range(4, plan.total_steps, 4)] + [plan.total_steps]
+    for r in train_rows:
+        assert {"step", "epoch", "lr", "train_loss", "tokens", "elapsed_s"} <= set(r)
+        assert 5.0 < r["train_loss"] < 12.0
+    assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
+    assert train_rows[-1]["tokens"] == eval_rows[-1]["tokens"]
+    final = json.loads((d / "eval.json").read_text())
+    assert final["overall"]["loss"] == pytest.approx(eval_rows[-1]["val_loss"])
+    assert final["overall"]["ppl"] == pytest.approx(math.exp(final["overall"]["loss"]))
+    assert set(final["per_source"]) == set(yaml.safe_load((d / "config.yaml").read_text())["data"]["sources"])
+    manifest = json.loads((d / "manifest.json").read_text())["sources"]
+    assert sum(s["val"] for s in manifest.values()) == final["samples"]
+    assert json.loads((d / "run.json").read_text())["status"] == "finished"
+
+
+def test_adapter_loads_in_stock_peft_with_same_logits(tiny_run):
+    from peft import PeftModel
+
+    cfg = load_config(tiny_run.run_dir / "config.yaml")
+    base = load_base_model(cfg.model, cfg.data.seq_len)
+    stock = PeftModel.from_pretrained(base, str(tiny_run.run_dir / "adapter")).eval()
+    trained = tiny_run.model.eval()
+    ids = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
+    lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # the adapter trained: B starts at zero
+
+
+def test_eval_command_reproduces_eval_json(tiny_run, tmp_path, capsys):
+    out = tmp_path / "again.json"
+    assert main(["eval", str(tiny_run.run_dir), "--out", str(out), "--quiet"]) == 0
+    again, saved = json.loads(out.read_text()), json.loads((tiny_run.run_dir / "eval.json").read_text())
+    for name in ["overall", *saved["per_source"]]:
+        a = again["overall"] if name == "overall" else again["per_source"][name]
+        b = saved["overall"] if name == "overall" else saved["per_source"][name]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+        assert a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
+    assert "overall" in capsys.readouterr().out
+
+
+def test_same_config_same_result(tiny_run, tmp_path, cache_dir):
+    from conftest import TINY
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
+    again = train(cfg, tmp_path / "again", log=lambda *a: None)
+    assert again.eval["overall"]["loss"] == tiny_run.eval["overall"]["loss"]
+
+
+def test_seed_dry_run_plan(capsys, cache_dir):
+    rc = main(["train", "-c", str(ROOT / "configs" / "seed.yaml"), "model.init=random", "data.local_dir=@demo",
+               f"data.cache_dir={cache_dir}", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "trainable parameters 811,008 of 125,250,816 (0.65%)" in out
+    assert "squad              train    102  val    18" in out
+    assert "optimizer steps per epoch x 3 epochs" in out
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real")
+def test_seed_dry_run_on_real_samples(capsys, cache_dir, tmp_path):
+    rc = main(["train", "-c", str(ROOT / "configs" / "seed.yaml"), "model.init=random", f"data.local_dir={REAL_DATA}",
+               f"data.cache_dir={cache_dir}", "--dry-run", "--run-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert rc == 0 and not (tmp_path / "r").exists()
+    assert "tinystories        train    850  val   150" in out
+    assert "652 optimizer steps per epoch x 3 epochs -> 1,956 optimizer steps" in out
+    assert "trainable parameters 811,008 of 125,250,816" in out
