@@ -53,13 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     import yaml
 
-    from loramix.config import describe_keys, load_config
+    from loramix.config import keys_markdown, load_config
 
     log = (lambda *a, **k: None) if args.quiet else print
     if args.command == "config":
         if args.keys:
-            for key, default, doc in describe_keys():
-                print(f"{key:<32} {default:<24} {doc}")
+            print(keys_markdown())
             return 0
         print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
         return 0

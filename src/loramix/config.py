@@ -308,3 +308,10 @@ def describe_keys(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
         else:
             rows.append((prefix + f.name, json.dumps(value), f.metadata["doc"]))
     return rows
+
+
+def keys_markdown() -> str:
+    """The config reference as a Markdown table (`loramix config --keys`; the README embeds it)."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    rows += [f"| `{k}` | `{d}` | {doc.replace('|', '/')} |" for k, d, doc in describe_keys()]
+    return "\n".join(rows)
