@@ -188,3 +188,18 @@ def test_seed_dry_run_on_real_samples(capsys, cache_dir, tmp_path):
     assert "tinystories        train    850  val   150" in out
     assert "652 optimizer steps per epoch x 3 epochs -> 1,956 optimizer steps" in out
     assert "trainable parameters 811,008 of 125,250,816" in out
+
+
+def test_max_steps_caps_the_plan(capsys, cache_dir):
+    assert main(["train", "-c", str(ROOT / "configs" / "demo.yaml"), f"data.cache_dir={cache_dir}", "train.max_steps=5", "--dry-run"]) == 0
+    assert "-> 5 optimizer steps (capped by train.max_steps=5)" in capsys.readouterr().out
+
+
+def test_default_run_dir_never_reuses_a_run(tmp_path):
+    from loramix.rundir import default_run_dir
+
+    assert default_run_dir("demo", tmp_path) == tmp_path / "demo"
+    (tmp_path / "demo").mkdir()
+    assert default_run_dir("demo", tmp_path) == tmp_path / "demo"  # empty: free to use
+    (tmp_path / "demo" / "eval.json").write_text("{}")
+    assert default_run_dir("demo", tmp_path) == tmp_path / "demo-2"
