@@ -133,19 +133,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise LoramixError(f"config file {path} must hold a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
+    return config_from_dict(raw, what="config")
+
+
+def config_from_dict(raw: dict, what: str = "saved config") -> Config:
+    """Validate a raw tree (a preset with overrides, or a run dir's config.yaml) into a Config."""
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors)
     if errors:
-        raise LoramixError("bad config: " + "; ".join(errors))
-    return cfg
-
-
-def config_from_dict(raw: dict) -> Config:
-    """Rebuild a saved config (a run dir's config.yaml), with the same validation."""
-    errors: list[str] = []
-    cfg = _build(Config, raw, "", errors)
-    if errors:
-        raise LoramixError("bad saved config: " + "; ".join(errors))
+        raise LoramixError(f"bad {what}: " + "; ".join(errors))
     return cfg
 
 
