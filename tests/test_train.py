@@ -11,7 +11,7 @@ from loramix.config import load_config
 from loramix.data.packing import Segment, collate
 from loramix.evaluate import evaluate, summarize, token_byte_lengths
 from loramix.model import attach_lora, load_base_model, load_tokenizer, token_nll
-from loramix.train import epoch_windows, lr_at, train
+from loramix.train import lr_at, train
 
 from conftest import REAL_DATA, ROOT
 
@@ -20,15 +20,6 @@ def test_schedule_warmup_then_linear_decay():
     lrs = [lr_at(s, total=10, warmup=4, peak=1.0) for s in range(10)]
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert lr_at(0, total=3, warmup=100, peak=3e-4) == pytest.approx(3e-6)
-
-
-def test_epoch_order_is_seeded_and_covers_every_row():
-    tc = load_config(None, ["train.micro_batch=3", "train.grad_accum=2"]).train
-    w0, w0b, w1 = epoch_windows(10, tc, 0), epoch_windows(10, tc, 0), epoch_windows(10, tc, 1)
-    flat = lambda w: np.concatenate([m for step in w for m in step]).tolist()
-    assert flat(w0) == flat(w0b) != flat(w1)
-    assert sorted(flat(w0)) == list(range(10))
-    assert [len(step) for step in w0] == [2, 2] and [len(m) for m in w0[-1]] == [3, 1]
 
 
 def test_metric_math():
@@ -78,7 +69,7 @@ def test_eval_loss_independent_of_batch_size():
     model = _tiny_model()
     rows = _rows([30, 5, 12, 40, 7, 19])
     tb = token_byte_lengths(load_tokenizer(load_config(None).model))
-    results = [evaluate(model, [collate(rows[i : i + bs], 50256) for i in range(0, 6, bs)], ["a", "b", "c"], tb, "cpu") for bs in (1, 4, 6)]
+    results = [evaluate(model, rows, ["a", "b", "c"], tb, "cpu", 50256, batch_size=bs) for bs in (1, 4, 6)]
     for r in results[1:]:
         assert r["overall"]["loss"] == pytest.approx(results[0]["overall"]["loss"], rel=1e-6)
         assert r["per_source"]["b"]["loss"] == pytest.approx(results[0]["per_source"]["b"]["loss"], rel=1e-6)
@@ -130,6 +121,11 @@ def test_run_dir_files_and_metric_rows(tiny_run):
     assert final["overall"]["loss"] == pytest.approx(eval_rows[-1]["val_loss"])
     assert final["overall"]["ppl"] == pytest.approx(math.exp(final["overall"]["loss"]))
     assert set(final["per_source"]) == set(yaml.safe_load((d / "config.yaml").read_text())["data"]["sources"])
+    for m in [final["overall"], *final["per_source"].values()]:
+        assert m["tokens"] > 0 and m["bytes"] > m["tokens"]
+        assert m["bpt"] == pytest.approx(m["loss"] / math.log(2))
+        assert m["bpb"] == pytest.approx(m["loss"] * m["tokens"] / math.log(2) / m["bytes"])
+    assert final["samples_per_s"] > 0 and final["tokens_per_s"] > 0 and final["rows"] < final["samples"]
     manifest = json.loads((d / "manifest.json").read_text())["sources"]
     assert sum(s["val"] for s in manifest.values()) == final["samples"]
     assert json.loads((d / "run.json").read_text())["status"] == "finished"
@@ -176,6 +172,7 @@ def test_seed_dry_run_plan(capsys, cache_dir):
     assert rc == 0
     assert "trainable parameters 811,008 of 125,250,816 (0.65%)" in out
     assert "squad              train    102  val    18" in out
+    assert "batch: 32 documents per optimizer step (train.batch_unit=docs), at most 4 rows per forward pass" in out
     assert "optimizer steps per epoch x 3 epochs" in out
 
 

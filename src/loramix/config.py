@@ -67,6 +67,8 @@ class DataConfig:
     val_share: float = F(0.15, "share of each source held out for validation, in (0, 1)", "share")
     seq_len: int = F(512, "tokens per sequence", "pos")
     long_docs: Literal["truncate", "split"] = F("truncate", "documents longer than seq_len: keep the head, or split into several sequences")
+    packing: bool = F(True, "pack several documents per row (each attends only to itself, positions restart); false pads one per row")
+    pack_window: int = F(2048, "documents per best-fit window when train.batch_unit=rows (larger: less waste, less mixing)", "pos")
     seed: int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
     cache_dir: str = F("~/.cache/loramix", "where tokenized data and generated demo data are cached")
 
@@ -75,8 +77,9 @@ class DataConfig:
 class TrainConfig:
     epochs: int = F(3, "passes over the training split", "pos")
     max_steps: int | None = F(None, "stop after this many optimizer steps", "pos")
-    micro_batch: int = F(4, "sequences per forward pass", "pos")
-    grad_accum: int = F(8, "micro-batches per optimizer step", "pos")
+    micro_batch: int = F(4, "rows (of seq_len tokens) per forward pass", "pos")
+    grad_accum: int = F(8, "micro-batches per optimizer step; the step's size is micro_batch x grad_accum in train.batch_unit", "pos")
+    batch_unit: Literal["docs", "rows"] = F("docs", "'docs': micro_batch x grad_accum documents per step, packed into as few rows as fit (the seed's step count); 'rows': that many packed rows (a fixed token budget per step)")
     lr: float = F(3e-4, "peak AdamW learning rate", "pos")
     weight_decay: float = F(0.01, "AdamW weight decay", "nonneg")
     warmup_steps: int = F(100, "linear warmup steps before linear decay to 0", "nonneg")
@@ -90,7 +93,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = F(8, "sequences per evaluation forward pass", "pos")
+    batch_size: int | None = F(None, "rows per evaluation forward pass (default: 8 on CPU; on a GPU the largest that fits, from 128 down)", "pos")
 
 
 @dataclass

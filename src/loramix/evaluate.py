@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loramix.data.packing import IGNORE, Batch, batches
+from loramix.data.packing import IGNORE, Row, collate
 from loramix.errors import LoramixError
 from loramix import rundir
 from loramix.model import base_fingerprint, load_adapter, token_nll
@@ -53,9 +53,29 @@ def summarize(nll: float, tokens: int, nbytes: int) -> dict:
     }
 
 
+def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int,
+             batch_size: int | None = None, autocast=contextlib.nullcontext) -> dict:
+    """Metrics overall and per source over `rows`, plus throughput; the model's train/eval mode is restored.
+
+    Without a `batch_size`, a GPU starts at 128 rows and halves on out-of-memory (the result's
+    `batch_size` says what fitted, for the next call); a CPU uses 8.
+
+    Raises:
+        LoramixError: out of GPU memory at an explicit batch size, or at one row.
+    """
+    size = batch_size or (128 if torch.device(device).type == "cuda" else 8)
+    while True:
+        try:
+            return {**_evaluate(model, rows, sources, token_bytes, device, pad_id, size, autocast), "batch_size": size}
+        except torch.OutOfMemoryError:
+            if batch_size or size == 1:
+                raise LoramixError(f"evaluation ran out of GPU memory at {size} rows per batch; set a smaller eval.batch_size") from None
+            size //= 2
+            torch.cuda.empty_cache()
+
+
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], sources: list[str], token_bytes: np.ndarray, device, autocast=contextlib.nullcontext) -> dict:
-    """Metrics overall and per source over `batches`; the model is left in eval mode's caller state."""
+def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int, size: int, autocast) -> dict:
     was_training = model.training
     model.eval()
     S = len(sources)
@@ -65,8 +85,8 @@ def evaluate(model, batches: list[Batch], sources: list[str], token_bytes: np.nd
     bytes_of = torch.from_numpy(token_bytes).to(device)
     samples = 0
     start = time.perf_counter()
-    for batch in batches:
-        batch = batch.to(device)
+    for i in range(0, len(rows), size):
+        batch = collate(rows[i : i + size], pad_id).to(device)
         with autocast():
             nll = token_nll(model, batch)
         keep = batch.targets != IGNORE
@@ -83,6 +103,7 @@ def evaluate(model, batches: list[Batch], sources: list[str], token_bytes: np.nd
         "overall": summarize(sum(nll_sum), sum(tok_sum), sum(byte_sum)),
         "per_source": per_source,
         "samples": samples,
+        "rows": len(rows),
         "seconds": seconds,
         "samples_per_s": samples / seconds if seconds else float("nan"),
         "tokens_per_s": sum(tok_sum) / seconds if seconds else float("nan"),
@@ -96,7 +117,8 @@ def format_table(metrics: dict) -> str:
     rows = list(metrics["per_source"].items()) + [("overall", metrics["overall"])]
     for name, m in rows:
         lines.append(f"{name:<18} {m['tokens']:>10,} {m['loss']:>8.4f} {m['ppl']:>9.2f} {m['bpt']:>7.3f} {m['bpb']:>7.3f}")
-    lines.append(f"{metrics['samples']:,} samples in {metrics['seconds']:.2f} s: {metrics['samples_per_s']:.1f} samples/s, {metrics['tokens_per_s']:,.0f} tokens/s")
+    lines.append(f"{metrics['samples']:,} samples in {metrics['rows']:,} rows, {metrics['seconds']:.2f} s: "
+                 f"{metrics['samples_per_s']:.1f} samples/s, {metrics['tokens_per_s']:,.0f} tokens/s")
     return "\n".join(lines)
 
 
@@ -116,5 +138,5 @@ def evaluate_run(run_dir: Path, log=print) -> dict:
     if expected and base_fingerprint(model) != expected:
         raise LoramixError(f"the base model '{cfg.model.name}' differs from the one {run_dir} was trained on; restore that base model")
     model = load_adapter(model, adapter).to(device)
-    val = batches(data.val_rows, cfg.eval.batch_size, tokenizer.eos_token_id)
-    return evaluate(model, val, data.mixture.sources, token_byte_lengths(tokenizer), device, autocast_for(device, precision))
+    return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
+                    tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision))

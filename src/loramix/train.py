@@ -2,23 +2,21 @@
 periodic validation, metrics.jsonl, and the final adapter + eval.json.
 
 Gradient accumulation is token-exact: each micro-batch's summed NLL is divided by the number of target
-tokens in the whole accumulation window, so the gradient equals that of one big batch, whatever the
-padding or the document lengths (a per-micro-batch mean would weight short micro-batches up).
+tokens in the whole optimizer step, so the gradient equals that of one big batch, whatever the padding,
+packing or document lengths (a per-micro-batch mean would weight short micro-batches up).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from loramix.config import Config, TrainConfig
-from loramix.data.packing import Batch, Row, batches, collate
+from loramix.config import Config
+from loramix.data.packing import Batching, Step, collate, epoch_steps
 from loramix.data.prepare import Prepared
 from loramix.evaluate import evaluate, format_table, token_byte_lengths
 from loramix.model import attach_lora, base_fingerprint, count_parameters, token_nll
@@ -38,42 +36,58 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 @dataclass
 class Plan:
-    train_rows: int
+    train_docs: int
+    val_docs: int
     val_rows: int
-    micro_batches_per_epoch: int
     steps_per_epoch: int
     total_steps: int
+    docs_per_step: float
+    rows_per_step: float
+    tokens_per_step: float
+    fill: float  # real tokens / (rows x seq_len) over the training rows
     trainable: int
     total_params: int
 
     def describe(self, cfg: Config) -> str:
-        t = cfg.train
+        t, d = cfg.train, cfg.data
+        unit = "documents" if t.batch_unit == "docs" or not d.packing else "packed rows"
         return "\n".join([
             "plan:",
-            f"  train rows {self.train_rows:,}, validation rows {self.val_rows:,}, sequence length {cfg.data.seq_len}",
-            f"  batch: {t.micro_batch} sequences x {t.grad_accum} accumulation = {t.micro_batch * t.grad_accum} sequences per optimizer step",
+            f"  train {self.train_docs:,} documents; validation {self.val_docs:,} documents in {self.val_rows:,} rows; "
+            f"sequence length {d.seq_len}, packing {'on' if d.packing else 'off'}",
+            f"  batch: {t.micro_batch * t.grad_accum} {unit} per optimizer step (train.batch_unit={t.batch_unit}), "
+            f"at most {t.micro_batch} rows per forward pass",
+            f"    on average {self.docs_per_step:,.1f} documents, {self.rows_per_step:,.1f} rows, {self.tokens_per_step:,.0f} tokens "
+            f"per step; rows {100 * self.fill:.1f}% real tokens",
             f"  {self.steps_per_epoch:,} optimizer steps per epoch x {t.epochs} epochs -> {self.total_steps:,} optimizer steps"
             + (f" (capped by train.max_steps={t.max_steps})" if t.max_steps else ""),
             f"  trainable parameters {self.trainable:,} of {self.total_params:,} ({100 * self.trainable / self.total_params:.2f}%)",
         ])
 
 
-def make_plan(cfg: Config, data: Prepared, model) -> Plan:
-    t = cfg.train
-    micro = math.ceil(len(data.train_rows) / t.micro_batch)
-    per_epoch = math.ceil(micro / t.grad_accum)
-    total = per_epoch * t.epochs
-    if t.max_steps:
-        total = min(total, t.max_steps)
+def batching(cfg: Config) -> Batching:
+    d, t = cfg.data, cfg.train
+    return Batching(d.packing, t.batch_unit, t.micro_batch, t.grad_accum, d.seq_len, d.pack_window)
+
+
+def make_plan(cfg: Config, data: Prepared, model) -> tuple[Plan, list[list[Step]]]:
+    """Every epoch's optimizer steps, decided up front (a pure function of data and config), and their summary."""
+    lengths = data.train_lengths
+    schedule = [epoch_steps(lengths, batching(cfg), cfg.train.seed, e) for e in range(cfg.train.epochs)]
+    total = sum(len(steps) for steps in schedule)
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    first = schedule[0]
+    rows = [row for step in first for mb in step for row in mb]
+    tokens = int(sum(lengths[i] for row in rows for i in row))
     trainable, total_params = count_parameters(model)
-    return Plan(len(data.train_rows), len(data.val_rows), micro, per_epoch, total, trainable, total_params)
-
-
-def epoch_windows(n_rows: int, tc: TrainConfig, epoch: int) -> list[list[np.ndarray]]:
-    """The epoch's row order (seeded by train.seed and epoch) cut into micro-batches, grouped per step."""
-    order = np.random.default_rng([tc.seed, epoch]).permutation(n_rows)
-    micro = [order[i : i + tc.micro_batch] for i in range(0, n_rows, tc.micro_batch)]
-    return [micro[i : i + tc.grad_accum] for i in range(0, len(micro), tc.grad_accum)]
+    plan = Plan(
+        train_docs=len(data.train), val_docs=sum(len(r) for r in data.val_rows), val_rows=len(data.val_rows),
+        steps_per_epoch=len(first), total_steps=total, docs_per_step=len(data.train) / len(first),
+        rows_per_step=len(rows) / len(first), tokens_per_step=tokens / len(first),
+        fill=tokens / (len(rows) * cfg.data.seq_len), trainable=trainable, total_params=total_params,
+    )
+    return plan, schedule
 
 
 @dataclass
@@ -90,7 +104,7 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     tokenizer, data, model = setup(cfg, log)
     fingerprint = base_fingerprint(model)
     model = attach_lora(model, cfg.lora, cfg.train.seed)
-    plan = make_plan(cfg, data, model)
+    plan, schedule = make_plan(cfg, data, model)
     log(plan.describe(cfg))
     log(f"  device {device}, precision {precision}")
     if dry_run:
@@ -103,7 +117,7 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
               "plan": vars(plan), "environment": rundir.environment()}
     rundir.write_json(run_dir / "run.json", status)
     try:
-        final = _fit(cfg, model, tokenizer, data, plan, device, precision, run_dir, log)
+        final = _fit(cfg, model, tokenizer, data, plan, schedule, device, precision, run_dir, log)
     except BaseException as e:
         rundir.write_json(run_dir / "run.json", {**status, "status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
@@ -111,7 +125,7 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     return TrainResult(model, plan, final, run_dir)
 
 
-def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, device, precision, run_dir: Path, log) -> dict:
+def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: list[list[Step]], device, precision, run_dir: Path, log) -> dict:
     tc = cfg.train
     torch.manual_seed(tc.seed)  # dropout stream
     model.to(device).train()
@@ -120,16 +134,19 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, device, prec
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     pad_id = tokenizer.eos_token_id
-    val_batches = batches(data.val_rows, cfg.eval.batch_size, pad_id)
     token_bytes = token_byte_lengths(tokenizer)
     metrics = rundir.MetricsLog(run_dir / "metrics.jsonl")
+    eval_batch = cfg.eval.batch_size
 
     def validate(step: int) -> dict:
-        result = evaluate(model, val_batches, data.mixture.sources, token_bytes, device, autocast)
+        nonlocal eval_batch
+        result = evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, eval_batch, autocast)
+        eval_batch = result["batch_size"]  # what fitted: later evaluations need not search again
         o = result["overall"]
         metrics.write({"event": "eval", "step": step, "epoch": step / plan.steps_per_epoch, "val_loss": o["loss"],
                        "val_ppl": o["ppl"], "val_bpt": o["bpt"], "val_bpb": o["bpb"], "tokens": tokens_seen,
-                       "elapsed_s": time.perf_counter() - start, "samples_per_s": result["samples_per_s"]})
+                       "elapsed_s": time.perf_counter() - start, "samples_per_s": result["samples_per_s"],
+                       "eval_tokens_per_s": result["tokens_per_s"]})
         log(f"step {step}: val loss {o['loss']:.4f}, ppl {o['ppl']:.2f}")
         return result
 
@@ -137,14 +154,14 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, device, prec
     start = time.perf_counter()
     step, tokens_seen, last_eval = 0, 0, None
     log_nll, log_tokens = torch.zeros((), device=device), 0
-    for epoch in range(tc.epochs):
-        for window in epoch_windows(len(data.train_rows), tc, epoch):
+    for epoch, steps in enumerate(schedule):
+        for micro_rows in steps:
             if step >= plan.total_steps:
                 break
             lr = lr_at(step, plan.total_steps, tc.warmup_steps, tc.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [collate([data.train_rows[i] for i in idx], pad_id) for idx in window]
+            micro = [collate([[data.train[i] for i in row] for row in rows], pad_id) for rows in micro_rows]
             n_targets = sum(b.n_targets for b in micro)
             for batch in micro:
                 batch = batch.to(device)

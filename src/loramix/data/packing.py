@@ -1,13 +1,19 @@
-"""Token sequences -> rows -> batches with explicit document boundaries.
+"""Token sequences -> packed rows -> batches with explicit document boundaries, and the epoch plan.
 
 A row holds one or more segments (a document, or a piece of one). The collated batch carries, per
 position, the segment it belongs to (0 = padding) and its position inside that segment, and per
 position the *target*: the next token of the same segment, or -100. So the loss never needs to shift,
-and no label can cross a document boundary or land on padding.
+and no label can cross a document boundary or land on padding; the model masks attention to the
+segment (block-diagonal causal) and positions restart at 0, so a packed document sees exactly what it
+would see alone.
+
+Packing is best-fit decreasing within a window of shuffled documents: deterministic for a seed, little
+waste, and since windows follow the shuffled order, every part of an epoch still mixes the sources.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +61,87 @@ def make_segments(tokens: list[np.ndarray], sources: list[int], seq_len: int, lo
     return out
 
 
-def one_per_row(segments: list[Segment]) -> list[Row]:
-    return [[s] for s in segments]
+def best_fit_decreasing(lengths: np.ndarray, items: np.ndarray, seq_len: int) -> list[list[int]]:
+    """Pack `items` (indices into `lengths`, each <= seq_len) into rows of at most seq_len tokens.
+
+    Longest first, each into the row with the least room that still fits it (ties: the oldest row),
+    so the result depends only on the input order.
+    """
+    order = sorted(items.tolist(), key=lambda i: -int(lengths[i]))  # stable: equal lengths keep input order
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free tokens, row number)
+    for i in order:
+        n = int(lengths[i])
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            free, r = room.pop(k)
+            rows[r].append(i)
+            bisect.insort(room, (free - n, r))
+        else:
+            rows.append([i])
+            bisect.insort(room, (seq_len - n, len(rows) - 1))
+    return rows
+
+
+def pack(lengths: np.ndarray, order: np.ndarray, seq_len: int, window: int, rng: np.random.Generator | None) -> list[list[int]]:
+    """Rows of segment indices: best-fit decreasing over consecutive windows of `order`.
+
+    Rows of one window come out longest-first; `rng` reshuffles them so row order carries no length bias.
+    """
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        packed = best_fit_decreasing(lengths, order[start : start + window], seq_len)
+        if rng is not None:
+            packed = [packed[j] for j in rng.permutation(len(packed))]
+        rows += packed
+    return rows
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How an epoch becomes optimizer steps (see `train.batch_unit`)."""
+
+    packing: bool
+    unit: str  # 'docs': micro_batch*grad_accum segments per step; 'rows': that many packed rows
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    window: int
+
+    @property
+    def per_step(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+Step = list[list[list[int]]]  # micro-batches -> rows -> segment indices
+
+
+def epoch_steps(lengths: np.ndarray, b: Batching, seed: int, epoch: int) -> list[Step]:
+    """The epoch's optimizer steps, a pure function of (lengths, batching, seed, epoch).
+
+    'docs': each step takes the next `per_step` segments of the shuffled order, packed into as few rows
+    as fit (the seed's documents per step, hence its step count and schedule). 'rows': the shuffled
+    order is packed in windows and each step takes `per_step` full rows (a fixed token budget).
+    A micro-batch never holds more than `micro_batch` rows, so peak memory is that of the unpacked run.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if not b.packing:
+        groups = [[[i] for i in order[s : s + b.per_step]] for s in range(0, len(order), b.per_step)]
+    elif b.unit == "docs":
+        groups = [pack(lengths, order[s : s + b.per_step], b.seq_len, b.per_step, rng) for s in range(0, len(order), b.per_step)]
+    else:
+        rows = pack(lengths, order, b.seq_len, b.window, rng)
+        groups = [rows[s : s + b.per_step] for s in range(0, len(rows), b.per_step)]
+    return [[g[k : k + b.micro_batch] for k in range(0, len(g), b.micro_batch)] for g in groups]
+
+
+def pack_eval_rows(segments: list[Segment], seq_len: int, packing: bool) -> list[Row]:
+    """Validation rows: one best-fit pass over the whole set (order does not matter for the metrics)."""
+    if not packing:
+        return [[s] for s in segments]
+    lengths = np.array([len(s.tokens) for s in segments])
+    return [[segments[i] for i in row] for row in best_fit_decreasing(lengths, np.arange(len(segments)), seq_len)]
 
 
 def collate(rows: list[Row], pad_id: int) -> Batch:
@@ -85,5 +170,3 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
     )
 
 
-def batches(rows: list[Row], batch_size: int, pad_id: int) -> list[Batch]:
-    return [collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from loramix.config import DataConfig
 from loramix.data.mixture import Mixture, build_mixture
-from loramix.data.packing import Row, Segment, make_segments, one_per_row
+from loramix.data.packing import Row, Segment, make_segments, pack_eval_rows
 from loramix.data.tokens import tokenize_documents
 
 
 @dataclass
 class Prepared:
     mixture: Mixture
-    train_rows: list[Row]
-    val_rows: list[Row]
+    train: list[Segment]  # the training loop packs these anew every epoch
+    val_rows: list[Row]  # packed once: the metrics do not depend on the order
+
+    @property
+    def train_lengths(self) -> np.ndarray:
+        return np.array([len(s.tokens) for s in self.train])
 
 
 def prepare_data(data: DataConfig, tokenizer, log=print) -> Prepared:
@@ -27,12 +33,11 @@ def prepare_data(data: DataConfig, tokenizer, log=print) -> Prepared:
     mixture = build_mixture(data, log)
     src_id = {name: i for i, name in enumerate(mixture.sources)}
 
-    def rows(docs) -> list[Row]:
+    def segments(docs) -> list[Segment]:
         tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log)
-        segments: list[Segment] = make_segments(tokens, [src_id[d.source] for d in docs], data.seq_len, data.long_docs)
-        return one_per_row(segments)
+        return make_segments(tokens, [src_id[d.source] for d in docs], data.seq_len, data.long_docs)
 
-    return Prepared(mixture, rows(mixture.train), rows(mixture.val))
+    return Prepared(mixture, segments(mixture.train), pack_eval_rows(segments(mixture.val), data.seq_len, data.packing))
 
 
 def _with_local_dir(data: DataConfig, local_dir: str) -> DataConfig:
