@@ -30,8 +30,14 @@ def test_epoch_plan_covers_every_document_once(unit):
     for step in steps:
         assert all(len(mb) <= 3 for mb in step)
         assert all(sum(lengths[i] for i in row) <= 64 for mb in step for row in mb)
-    per_step = [sum(len(row) for mb in step for row in mb) if unit == "docs" else sum(len(mb) for mb in step) for step in steps]
-    assert per_step[:-1] == [12] * (len(steps) - 1)
+    if unit == "rows":
+        assert [sum(len(mb) for mb in step) for step in steps][:-1] == [12] * (len(steps) - 1)
+    else:  # a step ends at the first row boundary at or past 12 documents per step so far
+        docs = np.cumsum([sum(len(row) for mb in step for row in mb) for step in steps])
+        widest = max(len(row) for step in steps for mb in step for row in mb)
+        for k, total in enumerate(docs[:-1]):
+            assert 12 * (k + 1) <= total < 12 * (k + 1) + widest
+        assert len(steps) in (500 // 12, 500 // 12 + 1)
     assert epoch_steps(lengths, b, 1, 0) == steps != epoch_steps(lengths, b, 1, 1)
     rows = [row for step in steps for mb in step for row in mb]
     fill = lengths.sum() / (len(rows) * 64)
@@ -119,3 +125,23 @@ def test_real_samples_packed_and_unpacked_validation_loss_agree(cache_dir):
     assert set(p["per_source"]) == {"wikitext", "tinystories", "ag_news", "yelp_review_full", "cnn_dailymail", "xsum", "squad", "imdb"}
     for name in p["per_source"]:
         assert p["per_source"][name]["bpb"] == pytest.approx(u["per_source"][name]["bpb"], rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_attention_varlen_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn")
+    losses = {}
+    for attention in ("sdpa", "flash_attention_2"):
+        cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=2", f"model.attention={attention}"])
+        model = load_base_model(cfg.model, 128).cuda().eval()
+        batch = collate(pack_eval_rows(_docs([20, 3, 57, 11, 8, 30]), 64, True), 50256).to("cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            losses[attention] = token_nll(model, batch).float().cpu()
+    torch.testing.assert_close(losses["flash_attention_2"], losses["sdpa"], rtol=2e-2, atol=2e-2)
+
+
+def test_seed_recipe_plans_6375_steps_with_packing():
+    """8 sources x 10,000 examples, 15% held out: 68,000 documents, 32 per step, 3 epochs."""
+    lengths = np.random.default_rng(0).integers(10, 513, 68_000)
+    b = Batching(packing=True, unit="docs", micro_batch=4, grad_accum=8, seq_len=512, window=2048)
+    assert sum(len(epoch_steps(lengths, b, seed=0, epoch=e)) for e in range(3)) == 6375

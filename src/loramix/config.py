@@ -37,6 +37,7 @@ class ModelConfig:
     n_embd: int | None = F(None, "override the hidden width (random init only)", "pos")
     n_head: int | None = F(None, "override the number of attention heads (random init only)", "pos")
     seed: int = F(0, "seed for random init, so `eval`/`merge` rebuild the same base")
+    attention: Literal["sdpa", "flash_attention_2"] = F("sdpa", "'sdpa': block-diagonal mask for packed rows (any device); 'flash_attention_2': varlen kernels on CUDA (needs flash-attn)")
 
 
 @dataclass
@@ -68,7 +69,7 @@ class DataConfig:
     seq_len: int = F(512, "tokens per sequence", "pos")
     long_docs: Literal["truncate", "split"] = F("truncate", "documents longer than seq_len: keep the head, or split into several sequences")
     packing: bool = F(True, "pack several documents per row (each attends only to itself, positions restart); false pads one per row")
-    pack_window: int = F(2048, "documents per best-fit window when train.batch_unit=rows (larger: less waste, less mixing)", "pos")
+    pack_window: int = F(2048, "documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)", "pos")
     seed: int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
     cache_dir: str = F("~/.cache/loramix", "where tokenized data and generated demo data are cached")
 
@@ -79,7 +80,7 @@ class TrainConfig:
     max_steps: int | None = F(None, "stop after this many optimizer steps", "pos")
     micro_batch: int = F(4, "rows (of seq_len tokens) per forward pass", "pos")
     grad_accum: int = F(8, "micro-batches per optimizer step; the step's size is micro_batch x grad_accum in train.batch_unit", "pos")
-    batch_unit: Literal["docs", "rows"] = F("docs", "'docs': micro_batch x grad_accum documents per step, packed into as few rows as fit (the seed's step count); 'rows': that many packed rows (a fixed token budget per step)")
+    batch_unit: Literal["docs", "rows"] = F("docs", "'docs': micro_batch x grad_accum documents per step on average, in packed rows (the seed's step count and schedule); 'rows': that many packed rows (a fixed token budget per step)")
     lr: float = F(3e-4, "peak AdamW learning rate", "pos")
     weight_decay: float = F(0.01, "AdamW weight decay", "nonneg")
     warmup_steps: int = F(100, "linear warmup steps before linear decay to 0", "nonneg")

@@ -83,7 +83,7 @@ def load_base_model(mc: ModelConfig, seq_len: int):
         if sizes:
             raise LoramixError(f"size overrides ({', '.join(f'model.{k}' for k in sizes)}) need model.init=random; pretrained weights have a fixed shape")
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=_attention(mc), dtype=torch.float32)
         except OSError as e:
             raise LoramixError(f"cannot load model '{name}' from the Hub or its cache; go online once, point model.name at a local dir, or use model.init=random") from e
     else:
@@ -97,14 +97,22 @@ def load_base_model(mc: ModelConfig, seq_len: int):
             setattr(config, k, v)
         if config.n_embd % config.n_head:
             raise LoramixError(f"model.n_embd={config.n_embd} is not divisible by model.n_head={config.n_head}; pick sizes that divide")
-        config._attn_implementation = "sdpa"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mc.seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(mc), dtype=torch.float32)
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if n_pos is not None and seq_len > n_pos:
         raise LoramixError(f"data.seq_len={seq_len} is beyond the model's {n_pos} positions; set data.seq_len<={n_pos}")
     return model
+
+
+def _attention(mc: ModelConfig) -> str:
+    if mc.attention == "flash_attention_2":
+        import importlib.util
+
+        if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+            raise LoramixError("model.attention=flash_attention_2 needs a CUDA GPU and the flash-attn package; use model.attention=sdpa")
+    return mc.attention
 
 
 def peft_lora_config(lc: LoraConfig):
@@ -173,9 +181,15 @@ def token_nll(model, batch: Batch, chunk: int = 2048) -> torch.Tensor:
     50,257-wide head they dominate both memory and time on small models.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = lm.base_model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask(batch.segment_ids)
-    ).last_hidden_state  # (B, T, C)
+    if lm.config._attn_implementation == "flash_attention_2":
+        # Varlen FlashAttention: one flattened row, which transformers cuts into documents at every
+        # position-id restart (padding positions become one-token documents whose targets are ignored).
+        B, T = batch.input_ids.shape
+        hidden = lm.base_model(input_ids=batch.input_ids.view(1, B * T), position_ids=batch.position_ids.view(1, B * T)).last_hidden_state.view(B, T, -1)
+    else:
+        hidden = lm.base_model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask(batch.segment_ids)
+        ).last_hidden_state  # (B, T, C)
     keep = batch.targets != IGNORE
     h, targets = hidden[keep], batch.targets[keep]  # (N, C), (N,)
     weight = lm.get_output_embeddings().weight  # (V, C)

@@ -55,7 +55,7 @@ class Plan:
             "plan:",
             f"  train {self.train_docs:,} documents; validation {self.val_docs:,} documents in {self.val_rows:,} rows; "
             f"sequence length {d.seq_len}, packing {'on' if d.packing else 'off'}",
-            f"  batch: {t.micro_batch * t.grad_accum} {unit} per optimizer step (train.batch_unit={t.batch_unit}), "
+            f"  batch: {t.micro_batch * t.grad_accum} {unit} per optimizer step{' on average' if unit == 'documents' and d.packing else ''} (train.batch_unit={t.batch_unit}), "
             f"at most {t.micro_batch} rows per forward pass",
             f"    on average {self.docs_per_step:,.1f} documents, {self.rows_per_step:,.1f} rows, {self.tokens_per_step:,.0f} tokens "
             f"per step; rows {100 * self.fill:.1f}% real tokens",
