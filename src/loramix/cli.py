@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>, or runs/<name>-N if taken)")
     t.add_argument("--dry-run", action="store_true", help="print the plan and exit; train and write nothing")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest valid checkpoint (train.resume=auto)")
 
     e = sub.add_parser("eval", help="recompute a run's validation metrics from its adapter")
     e.add_argument("run_dir", type=Path)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"loramix: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("loramix: interrupted", file=sys.stderr)
         return 130
@@ -67,9 +68,10 @@ def _dispatch(args) -> int:
         from loramix.rundir import default_run_dir
         from loramix.train import train
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["train.resume=auto"] if args.resume else []))
         log("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
-        run_dir = args.run_dir or default_run_dir(cfg.name)
+        # Resuming means this name's run dir itself; a fresh run never lands in a taken one.
+        run_dir = args.run_dir or (Path("runs") / cfg.name if cfg.train.resume == "auto" else default_run_dir(cfg.name))
         result = train(cfg, run_dir, dry_run=args.dry_run, overwrite=args.overwrite, log=log)
         if result.run_dir:
             print(f"run dir: {result.run_dir}  (loramix eval {result.run_dir})")

@@ -89,7 +89,15 @@ class TrainConfig:
     eval_every: int | None = F(None, "validate every N optimizer steps (always at the end)", "pos")
     log_every: int = F(10, "log the training loss every N optimizer steps", "pos")
     seed: int = F(0, "seed for data order, dropout and LoRA init")
+    resume: Literal["never", "auto"] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it")
+    nonfinite_patience: int = F(20, "stop after this many consecutive steps with non-finite loss or gradients (each one is skipped)", "pos")
     device: str = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int | None = F(200, "write a checkpoint every N optimizer steps (always at the end too; null: only at the end)", "pos")
+    keep: int = F(2, "newest checkpoints kept, besides the best by validation loss", "pos")
 
 
 @dataclass
@@ -104,15 +112,40 @@ class Config:
     lora: LoraConfig = F(doc="LoRA adapter", factory=LoraConfig)
     data: DataConfig = F(doc="data mixture", factory=DataConfig)
     train: TrainConfig = F(doc="training loop", factory=TrainConfig)
+    checkpoint: CheckpointConfig = F(doc="checkpoints and resume", factory=CheckpointConfig)
     eval: EvalConfig = F(doc="evaluation", factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """A short hash of the resolved config, saved with checkpoints to refuse a mismatched resume."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A short hash of what decides the training trajectory, saved with checkpoints to refuse a
+        mismatched resume (how often to checkpoint, and whether to resume, do not change it)."""
+        blob = json.dumps(_trajectory(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _trajectory(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    d.pop("checkpoint")
+    d["train"].pop("resume")
+    return d
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """'key: a -> b' for every trajectory-relevant key that differs."""
+    fa, fb = _flatten(_trajectory(a)), _flatten(_trajectory(b))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # ---------------------------------------------------------------- loading

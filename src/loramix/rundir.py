@@ -104,6 +104,14 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def truncate(self, nbytes: int) -> None:
+        """Drop rows logged after a checkpoint, which the resumed run logs again."""
+        with open(self.path, "a+b") as fh:
+            fh.truncate(nbytes)
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"

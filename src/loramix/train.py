@@ -8,16 +8,20 @@ packing or document lengths (a per-micro-batch mean would weight short micro-bat
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loramix.config import Config
+from loramix import checkpoint as ckpt
+from loramix.config import Config, config_diff
 from loramix.data.packing import Batching, Step, collate, epoch_steps
 from loramix.data.prepare import Prepared
+from loramix.errors import LoramixError
 from loramix.evaluate import evaluate, format_table, token_byte_lengths
 from loramix.model import attach_lora, base_fingerprint, count_parameters, token_nll
 from loramix.runtime import autocast_for, resolve_device, setup
@@ -99,10 +103,13 @@ class TrainResult:
 
 
 def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: bool = False, log=print) -> TrainResult:
-    """Run the whole recipe; with `dry_run`, stop after printing the plan (nothing is written)."""
+    """Run the whole recipe; with `dry_run`, stop after printing the plan (nothing is written).
+
+    With `train.resume=auto`, an existing run dir is continued from its newest valid checkpoint.
+    """
     device, precision = resolve_device(cfg.train)
     tokenizer, data, model = setup(cfg, log)
-    fingerprint = base_fingerprint(model)
+    fingerprints = {"base_fingerprint": base_fingerprint(model), "config_fingerprint": cfg.fingerprint()}
     model = attach_lora(model, cfg.lora, cfg.train.seed)
     plan, schedule = make_plan(cfg, data, model)
     log(plan.describe(cfg))
@@ -110,22 +117,80 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     if dry_run:
         return TrainResult(model, plan, None, None)
 
-    run_dir = rundir.prepare_run_dir(run_dir, overwrite)
-    rundir.save_config(run_dir, cfg)
-    rundir.write_json(run_dir / "manifest.json", data.mixture.manifest)
-    status = {"status": "running", "base_fingerprint": fingerprint, "device": str(device), "precision": precision,
+    resume_from = _open_run_dir(run_dir, cfg, data, overwrite, log)
+    status = {"status": "running", **fingerprints, "device": str(device), "precision": precision,
               "plan": vars(plan), "environment": rundir.environment()}
     rundir.write_json(run_dir / "run.json", status)
     try:
-        final = _fit(cfg, model, tokenizer, data, plan, schedule, device, precision, run_dir, log)
+        final = _fit(cfg, model, tokenizer, data, plan, schedule, device, precision, run_dir, fingerprints, resume_from, log)
+    except Interrupted:
+        rundir.write_json(run_dir / "run.json", {**status, "status": "interrupted"})
+        raise
     except BaseException as e:
         rundir.write_json(run_dir / "run.json", {**status, "status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
-    rundir.write_json(run_dir / "run.json", {**status, "status": "finished"})
+    best = ckpt.best_checkpoint(run_dir)
+    rundir.write_json(run_dir / "run.json", {**status, "status": "finished",
+                                             "best_checkpoint": best and {"name": best[0], "val_loss": best[1]}})
     return TrainResult(model, plan, final, run_dir)
 
 
-def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: list[list[Step]], device, precision, run_dir: Path, log) -> dict:
+def _open_run_dir(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, log) -> Path | None:
+    """A fresh run dir, or with train.resume=auto the checkpoint to continue from (None: start over).
+
+    Raises:
+        LoramixError: resuming a run made with another config or other data (the differences named).
+    """
+    if cfg.train.resume == "auto" and (run_dir / "config.yaml").is_file():
+        diff = config_diff(rundir.load_run_config(run_dir), cfg)
+        if diff:
+            raise LoramixError(f"cannot resume {run_dir}: the config differs ({'; '.join(diff)}); resume with the run's own config or pick another --run-dir")
+        saved = rundir.read_json(run_dir / "manifest.json")
+        changed = [n for n, m in data.mixture.manifest["sources"].items() if saved["sources"].get(n) != m]
+        if changed:
+            raise LoramixError(f"cannot resume {run_dir}: the data of {', '.join(changed)} changed since the run started; restore it or start a new run")
+        found = ckpt.find_resumable(run_dir, log)
+        if found is not None:
+            return found
+        log(f"no valid checkpoint in {run_dir}: starting it from the beginning")
+    rundir.prepare_run_dir(run_dir, overwrite or cfg.train.resume == "auto")
+    rundir.save_config(run_dir, cfg)
+    rundir.write_json(run_dir / "manifest.json", data.mixture.manifest)
+    return None
+
+
+class Interrupted(LoramixError):
+    """SIGINT/SIGTERM: the current step finished and a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps; a second signal acts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: list[list[Step]], device, precision,
+         run_dir: Path, fingerprints: dict, resume_from: Path | None, log) -> dict:
     tc = cfg.train
     torch.manual_seed(tc.seed)  # dropout stream
     model.to(device).train()
@@ -136,29 +201,36 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
     pad_id = tokenizer.eos_token_id
     token_bytes = token_byte_lengths(tokenizer)
     metrics = rundir.MetricsLog(run_dir / "metrics.jsonl")
-    eval_batch = cfg.eval.batch_size
+    state = ckpt.TrainState(eval_batch=cfg.eval.batch_size)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scaler, fingerprints)
+        metrics.truncate(state.metrics_bytes)  # rows logged after that checkpoint are logged again
+        log(f"resumed from {resume_from.name} (step {state.step} of {plan.total_steps})")
 
-    def validate(step: int) -> dict:
-        nonlocal eval_batch
-        result = evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, eval_batch, autocast)
-        eval_batch = result["batch_size"]  # what fitted: later evaluations need not search again
+    def validate() -> dict:
+        result = evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, state.eval_batch, autocast)
+        state.eval_batch = result["batch_size"]  # what fitted: later evaluations need not search again
         o = result["overall"]
-        metrics.write({"event": "eval", "step": step, "epoch": step / plan.steps_per_epoch, "val_loss": o["loss"],
-                       "val_ppl": o["ppl"], "val_bpt": o["bpt"], "val_bpb": o["bpb"], "tokens": tokens_seen,
-                       "elapsed_s": time.perf_counter() - start, "samples_per_s": result["samples_per_s"],
-                       "eval_tokens_per_s": result["tokens_per_s"]})
-        log(f"step {step}: val loss {o['loss']:.4f}, ppl {o['ppl']:.2f}")
+        state.val_loss = o["loss"]
+        metrics.write({"event": "eval", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "val_loss": o["loss"],
+                       "val_ppl": o["ppl"], "val_bpt": o["bpt"], "val_bpb": o["bpb"], "tokens": state.tokens_seen,
+                       "elapsed_s": clock(), "samples_per_s": result["samples_per_s"], "eval_tokens_per_s": result["tokens_per_s"]})
+        log(f"step {state.step}: val loss {o['loss']:.4f}, ppl {o['ppl']:.2f}")
         return result
 
-    bar = Progress(plan.total_steps)
-    start = time.perf_counter()
-    step, tokens_seen, last_eval = 0, 0, None
-    log_nll, log_tokens = torch.zeros((), device=device), 0
-    for epoch, steps in enumerate(schedule):
-        for micro_rows in steps:
-            if step >= plan.total_steps:
-                break
-            lr = lr_at(step, plan.total_steps, tc.warmup_steps, tc.lr)
+    def checkpoint() -> Path:
+        state.elapsed, state.metrics_bytes, state.log_nll = clock(), metrics.size(), float(log_nll)
+        return ckpt.save_checkpoint(run_dir, state, model, optimizer, scaler, fingerprints, cfg.checkpoint.keep)
+
+    started, elapsed0 = time.perf_counter(), state.elapsed
+    clock = lambda: elapsed0 + time.perf_counter() - started  # noqa: E731  (wall time across resumes)
+    steps = [(epoch, micro) for epoch, ep in enumerate(schedule) for micro in ep][: plan.total_steps]
+    log_nll = torch.tensor(state.log_nll, dtype=torch.float64, device=device)  # summed on device: no sync per step
+    total, last_eval = plan.total_steps, None
+    bar = Progress(total, state.step)
+    with StopOnSignal() as stop:
+        for epoch, micro_rows in steps[state.step :]:
+            lr = lr_at(state.step, total, tc.warmup_steps, tc.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [collate([[data.train[i] for i in row] for row in rows], pad_id) for rows in micro_rows]
@@ -169,48 +241,84 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
                     nll = token_nll(model, batch).sum()
                 scaler.scale(nll / n_targets).backward()
                 log_nll += nll.detach()
-            if tc.clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, tc.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += n_targets
-            log_tokens += n_targets
-            if step % tc.log_every == 0 or step == plan.total_steps:
-                loss = log_nll.item() / log_tokens
-                elapsed = time.perf_counter() - start
-                metrics.write({"event": "train", "step": step, "epoch": step / plan.steps_per_epoch, "lr": lr,
-                               "train_loss": loss, "tokens": tokens_seen, "elapsed_s": elapsed, "tokens_per_s": tokens_seen / elapsed})
-                bar.update(step, loss, lr, epoch, log)
+            applied = _optimizer_step(optimizer, scaler, params, tc.clip)
+            state.step += 1
+            state.val_loss = None
+            state.tokens_seen += n_targets
+            state.log_tokens += n_targets
+            _count_nonfinite(state, applied, tc.nonfinite_patience, run_dir)
+            if state.step % tc.log_every == 0 or state.step == total:
+                loss = float(log_nll) / state.log_tokens
+                metrics.write({"event": "train", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "lr": lr,
+                               "train_loss": loss, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
+                               "elapsed_s": clock(), "tokens_per_s": state.tokens_seen / max(clock(), 1e-9)})
+                bar.update(state.step, loss, lr, epoch, log)
                 log_nll.zero_()
-                log_tokens = 0
-            if tc.eval_every and step % tc.eval_every == 0 and step < plan.total_steps:
-                validate(step)
+                state.log_tokens = 0
+            if state.step == total or (tc.eval_every and state.step % tc.eval_every == 0):
+                last_eval = validate()
+            every = cfg.checkpoint.every
+            if state.step == total or (every and state.step % every == 0) or stop.signum:
+                saved = checkpoint()
+            ckpt.crash_point(f"step-{state.step}")
+            if stop.signum:
+                name = signal.Signals(stop.signum).name
+                raise Interrupted(f"stopped by {name} after step {state.step}; checkpoint {saved} written; "
+                                  f"continue with the same command plus --resume --run-dir {run_dir}", stop.signum)
     bar.close()
-    final = validate(step)
+    # Resumed from the final checkpoint: its evaluation is logged already, so recompute without logging.
+    final = last_eval or evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, state.eval_batch, autocast)
     rundir.save_adapter(model, run_dir)
     log(format_table(final))
-    rundir.write_json(run_dir / "eval.json", {"step": step, **final})
+    rundir.write_json(run_dir / "eval.json", {"step": state.step, **final})
     return final
+
+
+def _optimizer_step(optimizer, scaler, params, clip: float) -> bool:
+    """Clip and step; False when the gradients were not finite and the update was skipped."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+    if scaler.is_enabled():  # fp16: the scaler skips non-finite steps itself and lowers its scale
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        applied = scaler.get_scale() >= scale
+    else:
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return applied
+
+
+def _count_nonfinite(state: ckpt.TrainState, applied: bool, patience: int, run_dir: Path) -> None:
+    if applied:
+        state.bad_streak = 0
+        return
+    state.skipped_steps += 1
+    state.bad_streak += 1
+    if state.bad_streak >= patience:
+        last = ckpt.latest_names(run_dir)
+        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        raise LoramixError(f"loss or gradients were not finite for {patience} steps in a row (up to step {state.step}); stopped, "
+                           f"{kept}; lower train.lr or use train.precision=fp32 or bf16, then continue with --resume")
 
 
 class Progress:
     """tqdm (with ETA) on a terminal; periodic log lines with an ETA otherwise, so CI logs stay readable."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, done: int = 0):
         from tqdm.auto import tqdm
 
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.total, self.done, self.first, self.start = total, done, done, time.perf_counter()
+        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
 
     def update(self, step: int, loss: float, lr: float, epoch: int, log) -> None:
         if self.bar is not None:
             self.bar.update(step - self.done)
             self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         else:
-            eta = (time.perf_counter() - self.start) / step * (self.total - step)
+            eta = (time.perf_counter() - self.start) / max(1, step - self.first) * (self.total - step)
             log(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} eta {eta:.0f}s")
         self.done = step
 
