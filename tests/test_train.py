@@ -76,18 +76,36 @@ def test_eval_loss_independent_of_batch_size():
     assert results[0]["overall"]["tokens"] == sum([29, 4, 11, 39, 6, 18])
 
 
-def test_chunked_loss_equals_full_logits():
+def test_token_nll_equals_full_logits_cross_entropy():
     model = _tiny_model()
     batch = collate(_rows([30, 5, 12]), 50256)
     full = torch.nn.functional.cross_entropy(
         model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=(batch.segment_ids > 0).long()).logits.transpose(1, 2),
         batch.targets, ignore_index=-100, reduction="none")
-    chunked = token_nll(model, batch, chunk=7)
-    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
-    g1 = torch.autograd.grad(chunked.sum(), [p for p in model.parameters() if p.requires_grad])
-    g2 = torch.autograd.grad(token_nll(model, batch).sum(), [p for p in model.parameters() if p.requires_grad])
-    for a, b in zip(g1, g2):  # float32 sums in another order: equal to rounding, not bit-equal
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    ours = token_nll(model, batch)
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ours = torch.autograd.grad((ours * torch.linspace(0.5, 2, ours.numel()).view_as(ours)).sum(), params)
+    g_full = torch.autograd.grad((full * torch.linspace(0.5, 2, full.numel()).view_as(full)).sum(), params)
+    for a, b in zip(g_ours, g_full):  # float32 sums in another order: equal to rounding, not bit-equal
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_fused_head_loss_and_gradient(chunk):
+    from loramix.loss import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, requires_grad=True)
+    w = torch.randn(50, 16)
+    t = torch.randint(0, 50, (23,))
+    upstream = torch.rand(23)
+    ours = LinearCrossEntropy.apply(h, w, t, chunk)
+    (g_ours,) = torch.autograd.grad((ours * upstream).sum(), h)
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="none")
+    (g_ref,) = torch.autograd.grad((ref * upstream).sum(), h)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ end to end

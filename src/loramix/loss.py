@@ -1,0 +1,53 @@
+"""Per-token NLL through the LM head without ever holding (tokens, vocab) logits for a whole batch.
+
+GPT-2's head is 50,257 wide: on small models it dominates time and memory, and an ordinary
+`cross_entropy(logits)` keeps full-size logits, their softmax and their gradient alive at once.
+`LinearCrossEntropy` walks the target positions in chunks and, in the same pass, computes each chunk's
+gradient with respect to the hidden states, (softmax - onehot) @ W, so backward only scales that
+(N, C) tensor by the incoming per-token gradient: two matmuls per chunk as in plain autograd, no
+recomputation, and only one chunk of logits alive at a time. The head weight must be frozen (it is in
+LoRA: GPT-2 ties it to the input embedding); otherwise the plain chunked path is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        """h (N, C), weight (V, C) frozen, targets (N,) -> NLL (N,) in fp32."""
+        nll = torch.empty(len(targets), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for i in range(0, len(targets), chunk):
+            t = targets[i : i + chunk]
+            logits = (h[i : i + chunk] @ weight.T).float()  # (n, V)
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            # One exp pass, in place (the softmax reuses the logits' memory): lse = max + log(sum(exp)).
+            peak = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()
+            total = exp.sum(dim=-1)
+            nll[i : i + chunk] = peak.squeeze(1) + total.log() - target_logit
+            if grad_h is not None:
+                probs = exp.div_(total[:, None])
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_h[i : i + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_nll[:, None].to(grad_h.dtype), None, None, None
+
+
+def head_nll(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """NLL (N,) of `targets` under `head` applied to hidden states h (N, C)."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if not weight.requires_grad and bias is None:
+        return LinearCrossEntropy.apply(h, weight, targets, chunk)
+    pieces = [F.cross_entropy(head(h[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
+              for i in range(0, len(targets), chunk)]
+    return torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
