@@ -145,3 +145,18 @@ def test_seed_recipe_plans_6375_steps_with_packing():
     lengths = np.random.default_rng(0).integers(10, 513, 68_000)
     b = Batching(packing=True, unit="docs", micro_batch=4, grad_accum=8, seq_len=512, window=2048)
     assert sum(len(epoch_steps(lengths, b, seed=0, epoch=e)) for e in range(3)) == 6375
+
+
+def test_prefetch_keeps_order_and_raises_producer_errors():
+    from loramix.data.packing import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad row")
+
+    out = prefetch(broken())
+    assert next(out) == 1
+    with pytest.raises(ValueError, match="bad row"):
+        next(out)

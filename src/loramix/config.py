@@ -91,6 +91,7 @@ class TrainConfig:
     seed: int = F(0, "seed for data order, dropout and LoRA init")
     resume: Literal["never", "auto"] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it")
     nonfinite_patience: int = F(20, "stop after this many consecutive steps with non-finite loss or gradients (each one is skipped)", "pos")
+    compile: Literal["auto", "on", "off"] = F("auto", "torch.compile the transformer body: 'auto' = on CUDA only (see benchmarks/RESULTS.md for CPU)")
     device: str = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 
 

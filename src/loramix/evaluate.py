@@ -20,7 +20,7 @@ from loramix.data.packing import IGNORE, Row, collate
 from loramix.errors import LoramixError
 from loramix import rundir
 from loramix.model import base_fingerprint, load_adapter, token_nll
-from loramix.runtime import autocast_for, resolve_device, setup
+from loramix.runtime import autocast_for, compile_body, resolve_device, setup
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -139,5 +139,6 @@ def evaluate_run(run_dir: Path, log=print) -> dict:
         raise LoramixError(f"the base model '{cfg.model.name}' differs from the one {run_dir} was trained on; restore that base model")
     # Merged into the base weights in memory: evaluation pays nothing for the LoRA side path.
     model = load_adapter(model, adapter).merge_and_unload().to(device)
+    compile_body(model, cfg.train, device)
     return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
                     tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision))

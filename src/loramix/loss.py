@@ -23,17 +23,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for i in range(0, len(targets), chunk):
             t = targets[i : i + chunk]
-            logits = (h[i : i + chunk] @ weight.T).float()  # (n, V)
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            cols = torch.arange(len(t), device=t.device)
+            # Logits as (V, n): the wide matrix is the matmul's output, which the BLAS writes faster in
+            # this layout; the softmax then reduces over dim 0.
+            logits = (weight @ h[i : i + chunk].T).float()  # (V, n)
+            target_logit = logits[t, cols]
             # One exp pass, in place (the softmax reuses the logits' memory): lse = max + log(sum(exp)).
-            peak = logits.amax(dim=-1, keepdim=True)
+            peak = logits.amax(dim=0)
             exp = logits.sub_(peak).exp_()
-            total = exp.sum(dim=-1)
-            nll[i : i + chunk] = peak.squeeze(1) + total.log() - target_logit
+            total = exp.sum(dim=0)
+            nll[i : i + chunk] = peak + total.log() - target_logit
             if grad_h is not None:
-                probs = exp.div_(total[:, None])
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_h[i : i + chunk] = probs.to(weight.dtype) @ weight
+                probs = exp.div_(total)
+                probs[t, cols] -= 1.0
+                grad_h[i : i + chunk] = probs.T.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return nll
 
@@ -43,7 +46,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_nll[:, None].to(grad_h.dtype), None, None, None
 
 
-def head_nll(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def head_nll(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """NLL (N,) of `targets` under `head` applied to hidden states h (N, C)."""
     weight, bias = head.weight, getattr(head, "bias", None)
     if not weight.requires_grad and bias is None:

@@ -33,6 +33,15 @@ def autocast_for(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def compile_body(model, tc: TrainConfig, device: torch.device) -> bool:
+    """torch.compile the transformer body in place (names and state dict unchanged); returns whether it did."""
+    if tc.compile == "off" or (tc.compile == "auto" and device.type != "cuda"):
+        return False
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm.base_model.compile(dynamic=True)  # row lengths vary from batch to batch
+    return True
+
+
 def setup(cfg: Config, log=print):
     """Tokenizer, prepared data and base model: shared by `train` and `eval`, so both see the same data."""
     tokenizer = load_tokenizer(cfg.model)

@@ -19,12 +19,12 @@ import torch
 
 from loramix import checkpoint as ckpt
 from loramix.config import Config, config_diff
-from loramix.data.packing import Batching, Step, collate, epoch_steps
+from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps, prefetch
 from loramix.data.prepare import Prepared
 from loramix.errors import LoramixError
 from loramix.evaluate import evaluate, format_table, token_byte_lengths
 from loramix.model import attach_lora, base_fingerprint, count_parameters, token_nll
-from loramix.runtime import autocast_for, resolve_device, setup
+from loramix.runtime import autocast_for, compile_body, resolve_device, setup
 from loramix import rundir
 
 
@@ -194,6 +194,8 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
     tc = cfg.train
     torch.manual_seed(tc.seed)  # dropout stream
     model.to(device).train()
+    if compile_body(model, tc, device):
+        log("  torch.compile: on (the first steps include compilation)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -228,12 +230,19 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
     log_nll = torch.tensor(state.log_nll, dtype=torch.float64, device=device)  # summed on device: no sync per step
     total, last_eval = plan.total_steps, None
     bar = Progress(total, state.step)
+    def step_batches(micro_rows) -> list[Batch]:
+        micro = [collate([[data.train[i] for i in row] for row in rows], pad_id) for rows in micro_rows]
+        return [b.pin_memory() for b in micro] if device.type == "cuda" else micro
+
+    todo = steps[state.step :]
+    batches = (step_batches(micro_rows) for _, micro_rows in todo)
+    if device.type == "cuda":  # build the next steps' batches on a CPU thread while the GPU computes
+        batches = prefetch(batches)
     with StopOnSignal() as stop:
-        for epoch, micro_rows in steps[state.step :]:
+        for (epoch, _), micro in zip(todo, batches):
             lr = lr_at(state.step, total, tc.warmup_steps, tc.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [collate([[data.train[i] for i in row] for row in rows], pad_id) for rows in micro_rows]
             n_targets = sum(b.n_targets for b in micro)
             for batch in micro:
                 batch = batch.to(device)
