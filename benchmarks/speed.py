@@ -45,14 +45,23 @@ def overrides(spec: dict) -> list[str]:
 
 
 def load(spec: dict):
-    """Config, tokenizer, prepared data and the initial LoRA model: identical for every method."""
+    """Config, tokenizer, prepared data and the baseline's initial LoRA model: loramix's initial weights,
+    with GPT-2's stock activation modules put back (loramix fuses the GELU; the seed's setup did not)."""
     from loramix.config import load_config
     from loramix.model import attach_lora
     from loramix.runtime import setup
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", overrides(spec))
     tokenizer, data, base = setup(cfg, log=lambda *a: None)
-    return cfg, tokenizer, data, attach_lora(base, cfg.lora, cfg.train.seed)
+    return cfg, tokenizer, data, attach_lora(stock_activations(base), cfg.lora, cfg.train.seed)
+
+
+def stock_activations(model):
+    from transformers.activations import NewGELUActivation
+
+    for block in model.transformer.h:
+        block.mlp.act = NewGELUActivation()
+    return model
 
 
 def peak_memory_mb(device: str) -> float:
@@ -209,7 +218,8 @@ def worker_trainer_eval(spec: dict) -> dict:
     from loramix.model import load_base_model
 
     cfg, tokenizer, data, _ = load(spec)
-    model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.data.seq_len), str(Path(spec["work"]) / "loramix-run" / "adapter"))
+    base = stock_activations(load_base_model(cfg.model, cfg.data.seq_len))
+    model = PeftModel.from_pretrained(base, str(Path(spec["work"]) / "loramix-run" / "adapter"))
     val = [seg for row in data.val_rows for seg in row]
     trainer, _ = _trainer(spec, model, tokenizer, _Rows(data.train), 512, str(Path(spec["work"]) / "trainer-eval"))
     runs = [trainer.evaluate(eval_dataset=_Rows(val)) for _ in range(spec["eval_reps"])]
