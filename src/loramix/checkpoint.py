@@ -3,7 +3,7 @@
     checkpoints/step-000120/
       trainable.safetensors   every trainable (LoRA) tensor, by parameter name
       optimizer.pt            AdamW state (loaded with torch.load(weights_only=True): tensors and numbers only)
-      rng.safetensors         torch CPU and CUDA generator states
+      rng.safetensors         every process's torch CPU and CUDA generator states
       state.json              step, counters, log accumulators, grad-scaler state, Python and NumPy RNG
                               states, config and base fingerprints, metrics.jsonl length at this step
       checksums.json          sha256 of each file above; written last
@@ -61,8 +61,19 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, fingerprints: dict, keep: int) -> Path:
+def local_rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch generators (CPU, and its current GPU)."""
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, fingerprints: dict, keep: int,
+                    rng_states: list[dict[str, torch.Tensor]]) -> Path:
     """Write step `state.step` atomically, then prune to the newest `keep` plus the best by val loss.
+
+    `rng_states` holds every process's `local_rng_state()`, in rank order (torchrun: rank 0 writes).
 
     Raises:
         LoramixError: the disk is full or the run dir unwritable; earlier checkpoints stay intact.
@@ -77,11 +88,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, 
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, tmp / "rng.safetensors")
-        extra = {"scaler": scaler.state_dict(), "python_rng": _py_rng(), "numpy_rng": _np_rng(), **fingerprints}
+        save_file({f"{k}_{rank}": v for rank, st in enumerate(rng_states) for k, v in st.items()}, tmp / "rng.safetensors")
+        extra = {"scaler": scaler.state_dict(), "python_rng": _py_rng(), "numpy_rng": _np_rng(), "world_size": len(rng_states), **fingerprints}
         (tmp / "state.json").write_text(json.dumps({**asdict(state), **extra}, indent=1))
         crash_point(f"checkpoint-{state.step}-partial")
         sums = {f: _sha256(tmp / f) for f in _FILES}
@@ -157,8 +165,12 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: dict) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: dict, rank: int = 0, world: int = 1, log=print) -> TrainState:
     """Restore weights, optimizer, scaler and every RNG from a verified checkpoint.
+
+    With the process count it was written with, each process gets its own generator state back (an exact
+    resume); with another count the weights and optimizer still continue exactly, and each process's
+    dropout stream is reseeded from the step (the run is then no longer bit-identical to an uninterrupted one).
 
     Raises:
         LoramixError: a checkpoint of another base model or LoRA shape, naming the difference.
@@ -186,11 +198,15 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: dict) ->
     optimizer.load_state_dict(optim_state)
     scaler.load_state_dict(raw.pop("scaler"))
     rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    if raw.pop("world_size") == world:
+        torch.set_rng_state(rng[f"torch_cpu_{rank}"])
+        if torch.cuda.is_available() and f"torch_cuda_{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"torch_cuda_{rank}"])
+    else:
+        torch.manual_seed(1_000_003 * raw["step"] + rank)
+        if rank == 0:
+            log(f"note: {path.name} was written by another number of processes; dropout streams reseeded, so this run "
+                "continues exactly in weights and data order but not bit for bit")
     py = raw.pop("python_rng")
     random.setstate((py[0], tuple(py[1]), py[2]))
     npr = raw.pop("numpy_rng")

@@ -56,7 +56,8 @@ def _dispatch(args) -> int:
 
     from loramix.config import keys_markdown, load_config
 
-    log = (lambda *a, **k: None) if args.quiet else print
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
+    log = print if main_process and not args.quiet else (lambda *a, **k: None)
     if args.command == "config":
         if args.keys:
             print(keys_markdown())
@@ -73,7 +74,7 @@ def _dispatch(args) -> int:
         # Resuming means this name's run dir itself; a fresh run never lands in a taken one.
         run_dir = args.run_dir or (Path("runs") / cfg.name if cfg.train.resume == "auto" else default_run_dir(cfg.name))
         result = train(cfg, run_dir, dry_run=args.dry_run, overwrite=args.overwrite, log=log)
-        if result.run_dir:
+        if result.run_dir and main_process:
             print(f"run dir: {result.run_dir}  (loramix eval {result.run_dir})")
         return 0
     if args.command == "eval":
@@ -82,6 +83,8 @@ def _dispatch(args) -> int:
         from loramix.evaluate import evaluate_run, format_table
 
         metrics = evaluate_run(args.run_dir, log)
+        if not main_process:
+            return 0
         print(format_table(metrics))
         if args.out:
             args.out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

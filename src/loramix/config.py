@@ -37,6 +37,7 @@ class ModelConfig:
     n_embd: int | None = F(None, "override the hidden width (random init only)", "pos")
     n_head: int | None = F(None, "override the number of attention heads (random init only)", "pos")
     seed: int = F(0, "seed for random init, so `eval`/`merge` rebuild the same base")
+    dropout: float | None = F(None, "the base model's own dropout (GPT-2: 0.1 on embeddings, attention, residuals); null keeps it", "unit")
     attention: Literal["sdpa", "flash_attention_2"] = F("sdpa", "'sdpa': block-diagonal mask for packed rows (any device); 'flash_attention_2': varlen kernels on CUDA (needs flash-attn)")
 
 
@@ -119,23 +120,25 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, world: int = 1) -> str:
         """A short hash of what decides the training trajectory, saved with checkpoints to refuse a
-        mismatched resume (how often to checkpoint, and whether to resume, do not change it)."""
-        blob = json.dumps(_trajectory(self), sort_keys=True).encode()
+        mismatched resume. How often to checkpoint and whether to resume do not change it; nor does the
+        process count, as long as the global batch (micro_batch x grad_accum x processes) stays the same."""
+        blob = json.dumps(_trajectory(self, world), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _trajectory(cfg: Config) -> dict:
+def _trajectory(cfg: Config, world: int) -> dict:
     d = cfg.to_dict()
     d.pop("checkpoint")
     d["train"].pop("resume")
+    d["train"]["global_batch"] = d["train"]["micro_batch"] * d["train"].pop("grad_accum") * world
     return d
 
 
-def config_diff(a: Config, b: Config) -> list[str]:
+def config_diff(a: Config, b: Config, world_a: int = 1, world_b: int = 1) -> list[str]:
     """'key: a -> b' for every trajectory-relevant key that differs."""
-    fa, fb = _flatten(_trajectory(a)), _flatten(_trajectory(b))
+    fa, fb = _flatten(_trajectory(a, world_a)), _flatten(_trajectory(b, world_b))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
 
 

@@ -20,7 +20,7 @@ from loramix.data.packing import IGNORE, Row, collate
 from loramix.errors import LoramixError
 from loramix import rundir
 from loramix.model import base_fingerprint, load_adapter, token_nll
-from loramix.runtime import autocast_for, compile_body, resolve_device, setup
+from loramix.runtime import Dist, autocast_for, compile_body, init_distributed, resolve_device, setup
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -54,11 +54,13 @@ def summarize(nll: float, tokens: int, nbytes: int) -> dict:
 
 
 def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int,
-             batch_size: int | None = None, autocast=contextlib.nullcontext) -> dict:
+             batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist()) -> dict:
     """Metrics overall and per source over `rows`, plus throughput; the model's train/eval mode is restored.
 
+    Under torchrun each process scores every world-th row and the token-weighted sums are added up
+    across processes, so the result equals the one-process result exactly (up to float summation).
     Without a `batch_size`, a GPU starts at 128 rows and halves on out-of-memory (the result's
-    `batch_size` says what fitted, for the next call); a CPU uses 8.
+    `batch_size` says what fitted, for the next call; one process only); a CPU uses 8.
 
     Raises:
         LoramixError: out of GPU memory at an explicit batch size, or at one row.
@@ -66,16 +68,18 @@ def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray
     size = batch_size or (128 if torch.device(device).type == "cuda" else 8)
     while True:
         try:
-            return {**_evaluate(model, rows, sources, token_bytes, device, pad_id, size, autocast), "batch_size": size}
+            return {**_evaluate(model, rows[dist.rank :: dist.world], sources, token_bytes, device, pad_id, size, autocast, dist),
+                    "batch_size": size}
         except torch.OutOfMemoryError:
-            if batch_size or size == 1:
+            if batch_size or size == 1 or dist.world > 1:
                 raise LoramixError(f"evaluation ran out of GPU memory at {size} rows per batch; set a smaller eval.batch_size") from None
             size //= 2
             torch.cuda.empty_cache()
 
 
 @torch.no_grad()
-def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int, size: int, autocast) -> dict:
+def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int, size: int, autocast,
+              dist: Dist) -> dict:
     was_training = model.training
     model.eval()
     S = len(sources)
@@ -95,7 +99,9 @@ def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarra
         tok_sum.index_add_(0, src, torch.ones_like(src))
         byte_sum.index_add_(0, src, bytes_of[batch.targets[keep]])
         samples += batch.n_docs
-    nll_sum, tok_sum, byte_sum = nll_sum.cpu().tolist(), tok_sum.cpu().tolist(), byte_sum.cpu().tolist()
+    # One exact all-reduce of the token-weighted sums (float64 holds the integer counts exactly).
+    sums = dist.all_sum(torch.cat([nll_sum, tok_sum.double(), byte_sum.double(), torch.tensor([samples, len(rows)], dtype=torch.float64, device=device)]))
+    nll_sum, tok_sum, byte_sum, (samples, n_rows) = sums[:S].tolist(), sums[S : 2 * S].long().tolist(), sums[2 * S : 3 * S].long().tolist(), sums[3 * S :].long().tolist()
     seconds = time.perf_counter() - start
     model.train(was_training)
     per_source = {name: summarize(nll_sum[i], tok_sum[i], byte_sum[i]) for i, name in enumerate(sources)}
@@ -103,7 +109,7 @@ def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarra
         "overall": summarize(sum(nll_sum), sum(tok_sum), sum(byte_sum)),
         "per_source": per_source,
         "samples": samples,
-        "rows": len(rows),
+        "rows": n_rows,
         "seconds": seconds,
         "samples_per_s": samples / seconds if seconds else float("nan"),
         "tokens_per_s": sum(tok_sum) / seconds if seconds else float("nan"),
@@ -132,7 +138,8 @@ def evaluate_run(run_dir: Path, log=print) -> dict:
     adapter = Path(run_dir) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise LoramixError(f"{run_dir} has no adapter yet (unfinished run?); train it to the end first")
-    device, precision = resolve_device(cfg.train)
+    dist = init_distributed(cfg.train)
+    device, precision = resolve_device(cfg.train, dist)
     tokenizer, data, model = setup(cfg, log)
     expected = rundir.read_json(Path(run_dir) / "run.json").get("base_fingerprint")
     if expected and base_fingerprint(model) != expected:
@@ -141,4 +148,4 @@ def evaluate_run(run_dir: Path, log=print) -> dict:
     model = load_adapter(model, adapter).merge_and_unload().to(device)
     compile_body(model, cfg.train, device)
     return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
-                    tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision))
+                    tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision), dist)

@@ -100,6 +100,10 @@ def load_base_model(mc: ModelConfig, seq_len: int):
             torch.manual_seed(mc.seed)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(mc), dtype=torch.float32)
     _fuse_gelu(model)
+    if mc.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):  # GPT-2's SDPA path reads attn_dropout.p too
+                module.p = mc.dropout
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if n_pos is not None and seq_len > n_pos:
         raise LoramixError(f"data.seq_len={seq_len} is beyond the model's {n_pos} positions; set data.seq_len<={n_pos}")

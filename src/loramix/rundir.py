@@ -97,20 +97,22 @@ def environment() -> dict:
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl, flushed at once (tests and plots read it back)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # disabled: a torchrun process other than rank 0
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
     def truncate(self, nbytes: int) -> None:
         """Drop rows logged after a checkpoint, which the resumed run logs again."""
-        with open(self.path, "a+b") as fh:
-            fh.truncate(nbytes)
+        if self.enabled:
+            with open(self.path, "a+b") as fh:
+                fh.truncate(nbytes)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

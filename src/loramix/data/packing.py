@@ -115,10 +115,11 @@ class Batching:
     grad_accum: int
     seq_len: int
     window: int
+    world: int = 1  # processes: each takes its share of every step
 
     @property
     def per_step(self) -> int:
-        return self.micro_batch * self.grad_accum
+        return self.micro_batch * self.grad_accum * self.world
 
 
 Step = list[list[list[int]]]  # micro-batches -> rows -> segment indices
