@@ -104,3 +104,21 @@ def test_another_global_batch_is_refused_on_resume(runs, tmp_path, cache_dir):
     proc = _launch(1, _args(cache_dir, 2) + ["--run-dir", str(run), "--resume"], check=False)
     assert proc.returncode == 2
     assert "train.global_batch: 8 -> 4" in proc.stderr
+
+
+def test_two_process_resume_is_bit_exact_with_dropout(cache_dir, tmp_path):
+    """Killed (SIGKILL, every process) between checkpoints and resumed on 2 processes: same bytes, same rows."""
+    import os
+
+    args = [a for a in _args(cache_dir, 2) if not a.endswith("dropout=0")]  # GPT-2 and LoRA dropout on
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _launch(2, args + ["--run-dir", str(ref)])
+    os.environ["LORAMIX_CRASH_AT"] = "step-3"
+    try:
+        assert _launch(2, args + ["--run-dir", str(run)], check=False).returncode != 0
+    finally:
+        del os.environ["LORAMIX_CRASH_AT"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000002"]
+    _launch(2, args + ["--run-dir", str(run), "--resume"])
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == (ref / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert _rows(run) == _rows(ref)
