@@ -122,7 +122,7 @@ def tiny_run(tmp_path_factory, cache_dir):
 
 def test_run_dir_files_and_metric_rows(tiny_run):
     d = tiny_run.run_dir
-    assert sorted(p.name for p in d.iterdir()) == ["adapter", "checkpoints", "config.yaml", "eval.json", "manifest.json", "metrics.jsonl", "run.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["adapter", "checkpoints", "config.yaml", "eval.json", "manifest.json", "metrics.jsonl", "run.json", "tensorboard"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (d / "adapter").iterdir()}
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     plan = tiny_run.plan

@@ -26,12 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--out", type=Path, help="also write the metrics as JSON to this file")
 
+    r = sub.add_parser("report", help="write report.md and report.html (plots inlined) for one or more runs")
+    r.add_argument("run_dirs", type=Path, nargs="+")
+    r.add_argument("--out", type=Path, help="where to write (default: the first run dir)")
+
     c = sub.add_parser("config", help="print the resolved config, or every key with its default and doc")
     c.add_argument("-c", "--config")
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.add_argument("--keys", action="store_true", help="list every key, its default and what it does")
 
-    for s in (t, e, c):
+    for s in (t, e, r, c):
         s.add_argument("--debug", action="store_true", help="show tracebacks")
         s.add_argument("--quiet", action="store_true", help="print only errors and final results")
     return p
@@ -73,7 +77,7 @@ def _dispatch(args) -> int:
         log("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
         # Resuming means this name's run dir itself; a fresh run never lands in a taken one.
         run_dir = args.run_dir or (Path("runs") / cfg.name if cfg.train.resume == "auto" else default_run_dir(cfg.name))
-        result = train(cfg, run_dir, dry_run=args.dry_run, overwrite=args.overwrite, log=log)
+        result = train(cfg, run_dir, dry_run=args.dry_run, overwrite=args.overwrite, log=log, progress=not args.quiet)
         if result.run_dir and main_process:
             print(f"run dir: {result.run_dir}  (loramix eval {result.run_dir})")
         return 0
@@ -82,12 +86,18 @@ def _dispatch(args) -> int:
 
         from loramix.evaluate import evaluate_run, format_table
 
-        metrics = evaluate_run(args.run_dir, log)
+        metrics = evaluate_run(args.run_dir, log, progress=not args.quiet and sys.stderr.isatty())
         if not main_process:
             return 0
         print(format_table(metrics))
         if args.out:
             args.out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        return 0
+    if args.command == "report":
+        from loramix.report import build_report
+
+        md, page = build_report(args.run_dirs, args.out)
+        print(f"wrote {md} and {page}")
         return 0
     raise AssertionError(args.command)
 

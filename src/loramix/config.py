@@ -63,7 +63,7 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    sources: dict[str, SourceConfig] = F(doc="named sources; a known name (wikitext, squad, ...) fills its own defaults", factory=lambda: {n: SourceConfig(**d) for n, d in BUILTIN_SOURCES.items()})
+    sources: dict[str, SourceConfig] = F(doc="named sources; a known name (wikitext, squad, ...) fills its own defaults", check="nonempty", factory=lambda: {n: SourceConfig(**d) for n, d in BUILTIN_SOURCES.items()})
     local_dir: str | None = F(None, "folder of <source>.jsonl files in the original schemas, used for every source ('@demo': generated demo data)")
     cap: int | None = F(10000, "max examples per source (a source's own cap wins)", "pos")
     val_share: float = F(0.15, "share of each source held out for validation, in (0, 1)", "share")
@@ -105,6 +105,16 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     batch_size: int | None = F(None, "rows per evaluation forward pass (default: 8 on CPU; on a GPU the largest that fits, from 128 down)", "pos")
+    base_compare: bool = F(False, "at the end, also score the base model (adapter disabled) and report base vs tuned loss per source")
+    forgetting_sources: dict[str, SourceConfig] = F(doc="held-out sources never trained on, scored at the end by the base and the tuned model, e.g. {wikitext: {cap: 500}}", factory=dict)
+
+
+@dataclass
+class TrackConfig:
+    tensorboard: bool = F(True, "write TensorBoard event files to <run dir>/tensorboard")
+    wandb: bool = F(False, "log to Weights & Biases (needs `wandb` installed and logged in)")
+    mlflow: bool = F(False, "log to MLflow (needs `mlflow` installed; MLFLOW_TRACKING_URI picks the server)")
+    project: str = F("loramix", "W&B project / MLflow experiment name")
 
 
 @dataclass
@@ -116,6 +126,7 @@ class Config:
     train: TrainConfig = F(doc="training loop", factory=TrainConfig)
     checkpoint: CheckpointConfig = F(doc="checkpoints and resume", factory=CheckpointConfig)
     eval: EvalConfig = F(doc="evaluation", factory=EvalConfig)
+    track: TrackConfig = F(doc="experiment tracking", factory=TrackConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +142,7 @@ class Config:
 def _trajectory(cfg: Config, world: int) -> dict:
     d = cfg.to_dict()
     d.pop("checkpoint")
+    d.pop("track")
     d["train"].pop("resume")
     d["train"]["global_batch"] = d["train"]["micro_batch"] * d["train"].pop("grad_accum") * world
     return d
@@ -181,6 +193,8 @@ def config_from_dict(raw: dict, what: str = "saved config") -> Config:
     """Validate a raw tree (a preset with overrides, or a run dir's config.yaml) into a Config."""
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors)
+    for name in set(cfg.eval.forgetting_sources) & set(cfg.data.sources):
+        errors.append(f"eval.forgetting_sources.{name} is also a training source; a forgetting check needs sources the adapter never saw")
     if errors:
         raise LoramixError(f"bad {what}: " + "; ".join(errors))
     return cfg
@@ -278,7 +292,7 @@ def _convert(tp, value, key: str, errors: list[str], check: str | None = None):
     if origin is dict:  # data.sources: name -> SourceConfig, known names filled from the registry
         if isinstance(value, list):
             value = {name: {} for name in value}
-        if not isinstance(value, dict) or not value:
+        if not isinstance(value, dict) or (not value and check == "nonempty"):
             errors.append(f"{key} must name at least one source, e.g. [wikitext, squad]")
             return {}
         out = {}
@@ -342,6 +356,8 @@ def describe_keys(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
         elif f.name == "sources":
             rows.append((prefix + f.name, "[" + ", ".join(value) + "]", f.metadata["doc"]))
             rows += describe_keys(SourceConfig, prefix + "sources.<name>.")
+        elif f.name == "forgetting_sources":
+            rows.append((prefix + f.name, "{}", f.metadata["doc"] + " (same fields as data.sources.<name>)"))
         else:
             rows.append((prefix + f.name, json.dumps(value), f.metadata["doc"]))
     return rows

@@ -54,7 +54,7 @@ def summarize(nll: float, tokens: int, nbytes: int) -> dict:
 
 
 def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int,
-             batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist()) -> dict:
+             batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist(), progress: bool = False) -> dict:
     """Metrics overall and per source over `rows`, plus throughput; the model's train/eval mode is restored.
 
     Under torchrun each process scores every world-th row and the token-weighted sums are added up
@@ -68,7 +68,7 @@ def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray
     size = batch_size or (128 if torch.device(device).type == "cuda" else 8)
     while True:
         try:
-            return {**_evaluate(model, rows[dist.rank :: dist.world], sources, token_bytes, device, pad_id, size, autocast, dist),
+            return {**_evaluate(model, rows[dist.rank :: dist.world], sources, token_bytes, device, pad_id, size, autocast, dist, progress),
                     "batch_size": size}
         except torch.OutOfMemoryError:
             if batch_size or size == 1 or dist.world > 1:
@@ -79,7 +79,9 @@ def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray
 
 @torch.no_grad()
 def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int, size: int, autocast,
-              dist: Dist) -> dict:
+              dist: Dist, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     S = len(sources)
@@ -89,7 +91,7 @@ def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarra
     bytes_of = torch.from_numpy(token_bytes).to(device)
     samples = 0
     start = time.perf_counter()
-    for i in range(0, len(rows), size):
+    for i in tqdm(range(0, len(rows), size), desc="eval", unit="batch", leave=False, disable=not progress):
         batch = collate(rows[i : i + size], pad_id).to(device)
         with autocast():
             nll = token_nll(model, batch)
@@ -128,7 +130,27 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: Path, log=print) -> dict:
+def compare_with_base(tuned: dict, base: dict) -> dict:
+    """eval.json's `base` (adapter disabled) and `forgetting`: per source, base vs tuned loss and the change."""
+    rows = {**tuned["per_source"], "overall": tuned["overall"]}
+    base_rows = {**base["per_source"], "overall": base["overall"]}
+    return {
+        "base": {"overall": base["overall"], "per_source": base["per_source"]},
+        "forgetting": {name: {"base_loss": base_rows[name]["loss"], "tuned_loss": m["loss"], "delta": m["loss"] - base_rows[name]["loss"]}
+                       for name, m in rows.items()},
+    }
+
+
+def format_base_table(metrics: dict) -> str:
+    """Base vs tuned validation loss per source (negative delta: the adapter helps)."""
+    head = f"{'source':<18} {'base loss':>10} {'tuned loss':>10} {'delta':>8}"
+    lines = [head, "-" * len(head)]
+    for name, r in metrics["forgetting"].items():
+        lines.append(f"{name:<18} {r['base_loss']:>10.4f} {r['tuned_loss']:>10.4f} {r['delta']:>+8.4f}")
+    return "\n".join(lines)
+
+
+def evaluate_run(run_dir: Path, log=print, progress: bool = False) -> dict:
     """Recompute a finished run's validation metrics from its saved config and adapter.
 
     Raises:
@@ -148,4 +170,4 @@ def evaluate_run(run_dir: Path, log=print) -> dict:
     model = load_adapter(model, adapter).merge_and_unload().to(device)
     compile_body(model, cfg.train, device)
     return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
-                    tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision), dist)
+                    tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision), dist, progress and dist.main)

@@ -94,32 +94,6 @@ def environment() -> dict:
     }
 
 
-class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl, flushed at once (tests and plots read it back)."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled  # disabled: a torchrun process other than rank 0
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    def size(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
-
-    def truncate(self, nbytes: int) -> None:
-        """Drop rows logged after a checkpoint, which the resumed run logs again."""
-        if self.enabled:
-            with open(self.path, "a+b") as fh:
-                fh.truncate(nbytes)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def save_adapter(model, run_dir: Path) -> Path:
     """PEFT's own save_pretrained into a temp dir, then one rename: the adapter dir is whole or absent."""
     final = run_dir / "adapter"

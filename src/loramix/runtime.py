@@ -98,6 +98,6 @@ def compile_body(model, tc: TrainConfig, device: torch.device) -> bool:
 def setup(cfg: Config, log=print):
     """Tokenizer, prepared data and base model: shared by `train` and `eval`, so both see the same data."""
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, log)
+    data = prepare_data(cfg.data, tokenizer, log, cfg.eval.forgetting_sources)
     model = load_base_model(cfg.model, cfg.data.seq_len)
     return tokenizer, data, model

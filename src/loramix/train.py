@@ -8,6 +8,7 @@ packing or document lengths (a per-micro-batch mean would weight short micro-bat
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -22,9 +23,10 @@ from loramix.config import Config, config_diff
 from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps, prefetch
 from loramix.data.prepare import Prepared
 from loramix.errors import LoramixError
-from loramix.evaluate import evaluate, format_table, token_byte_lengths
+from loramix.evaluate import compare_with_base, evaluate, format_base_table, format_table, token_byte_lengths
 from loramix.model import attach_lora, base_fingerprint, count_parameters, token_nll
 from loramix.runtime import Dist, autocast_for, compile_body, init_distributed, resolve_device, setup
+from loramix.tracking import EventLog
 from loramix import rundir
 
 
@@ -106,7 +108,7 @@ class TrainResult:
     run_dir: Path | None
 
 
-def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: bool = False, log=print) -> TrainResult:
+def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: bool = False, log=print, progress: bool = True) -> TrainResult:
     """Run the whole recipe; with `dry_run`, stop after printing the plan (nothing is written).
 
     With `train.resume=auto`, an existing run dir is continued from its newest valid checkpoint.
@@ -134,7 +136,8 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
 
     record(status="running")
     try:
-        final = _fit(cfg, model, tokenizer, data, plan, schedule, device, precision, run_dir, fingerprints, resume_from, dist, log)
+        final = _fit(cfg, model, tokenizer, data, plan, schedule, device, precision, run_dir, fingerprints, resume_from, dist, log,
+                     progress and dist.main)
     except Interrupted:
         record(status="interrupted")
         raise
@@ -221,7 +224,7 @@ class StopOnSignal:
 
 
 def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: list[list[Step]], device, precision,
-         run_dir: Path, fingerprints: dict, resume_from: Path | None, dist: Dist, log) -> dict:
+         run_dir: Path, fingerprints: dict, resume_from: Path | None, dist: Dist, log, progress: bool) -> dict:
     tc = cfg.train
     torch.manual_seed(tc.seed + dist.rank)  # dropout stream, one per process
     model.to(device).train()
@@ -233,7 +236,7 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
     autocast = autocast_for(device, precision)
     pad_id = tokenizer.eos_token_id
     token_bytes = token_byte_lengths(tokenizer)
-    metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.main)
+    metrics = EventLog(run_dir, cfg.track, enabled=dist.main, run_name=cfg.name)
     targets_of = data.train_lengths - 1  # targets per segment: each step's global count needs no communication
     state = ckpt.TrainState(eval_batch=cfg.eval.batch_size)
     if resume_from is not None:
@@ -242,7 +245,8 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
         log(f"resumed from {resume_from.name} (step {state.step} of {plan.total_steps})")
 
     def validate() -> dict:
-        result = evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, state.eval_batch, autocast, dist)
+        result = evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, state.eval_batch, autocast, dist,
+                          progress=bar.bar is not None)
         state.eval_batch = result["batch_size"]  # what fitted: later evaluations need not search again
         o = result["overall"]
         state.val_loss = o["loss"]
@@ -266,7 +270,7 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
     # Summed on device (no sync per step); after a resume rank 0 carries the saved sum for everyone.
     log_nll = torch.tensor(state.log_nll if dist.main else 0.0, dtype=torch.float64, device=device)
     total, last_eval = plan.total_steps, None
-    bar = Progress(total, state.step, enabled=dist.main)
+    bar = Progress(total, state.step, enabled=progress)
 
     def step_batches(step: Step) -> list[Batch]:
         """This process's micro-batches of a step: every world-th row, micro_batch rows at a time."""
@@ -304,7 +308,7 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
                 metrics.write({"event": "train", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "lr": lr,
                                "train_loss": loss, "docs": state.docs_seen, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
                                "elapsed_s": clock(), "tokens_per_s": state.tokens_seen / max(clock(), 1e-9)})
-                bar.update(state.step, loss, lr, epoch, log)
+                bar.update(state.step, loss, lr, epoch, state.tokens_seen / max(clock(), 1e-9), log)
                 log_nll.zero_()
                 state.log_tokens = 0
             if state.step == total or (tc.eval_every and state.step % tc.eval_every == 0):
@@ -320,6 +324,19 @@ def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: li
     bar.close()
     # Resumed from the final checkpoint: its evaluation is logged already, so recompute without logging.
     final = last_eval or evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, state.eval_batch, autocast, dist)
+    metrics.close()
+    def score(rows, sources, adapter: bool) -> dict:
+        with contextlib.nullcontext() if adapter else model.disable_adapter():
+            return evaluate(model, rows, sources, token_bytes, device, pad_id, state.eval_batch, autocast, dist)
+
+    if cfg.eval.base_compare:  # the forgetting check: the same rows, adapter switched off
+        final = {**final, **compare_with_base(final, score(data.val_rows, data.mixture.sources, adapter=False))}
+        log(format_base_table(final))
+    if data.outside_rows:  # and on sources the adapter never saw
+        tuned = score(data.outside_rows, data.outside, adapter=True)
+        base = score(data.outside_rows, data.outside, adapter=False)
+        final["outside"] = {"overall": tuned["overall"], "per_source": tuned["per_source"], **compare_with_base(tuned, base)}
+        log("held-out sources (never trained on):\n" + format_base_table(final["outside"]))
     if dist.main:
         rundir.save_adapter(model, run_dir)
         log(format_table(final))
@@ -382,13 +399,13 @@ class Progress:
         self.total, self.done, self.first, self.start = total, done, done, time.perf_counter()
         self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
 
-    def update(self, step: int, loss: float, lr: float, epoch: int, log) -> None:
+    def update(self, step: int, loss: float, lr: float, epoch: int, tokens_per_s: float, log) -> None:
         if self.bar is not None:
             self.bar.update(step - self.done)
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         else:
             eta = (time.perf_counter() - self.start) / max(1, step - self.first) * (self.total - step)
-            log(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} eta {eta:.0f}s")
+            log(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tokens/s eta {eta:.0f}s")
         self.done = step
 
     def close(self) -> None:

@@ -1,0 +1,190 @@
+"""`loramix report`: report.md and a self-contained report.html (plots inlined) for one run or several.
+
+Everything comes from the run directories (config.yaml, manifest.json, run.json, metrics.jsonl,
+eval.json). The document is built once as a list of blocks and rendered to both formats, so the two
+always say the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramix import rundir
+from loramix.errors import LoramixError
+from loramix.tracking import read_metrics
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict
+    manifest: dict
+    status: dict
+    metrics: list[dict]
+    eval: dict | None
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    if not (path / "config.yaml").is_file() or not (path / "metrics.jsonl").is_file():
+        raise LoramixError(f"{path} is not a loramix run dir with metrics (config.yaml, metrics.jsonl); pass the --run-dir of a `loramix train` run")
+    import yaml
+
+    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    eval_path = path / "eval.json"
+    return Run(
+        name=path.name, path=path, config=config,
+        manifest=rundir.read_json(path / "manifest.json") if (path / "manifest.json").is_file() else {"sources": {}},
+        status=rundir.read_json(path / "run.json") if (path / "run.json").is_file() else {},
+        metrics=read_metrics(path), eval=rundir.read_json(eval_path) if eval_path.is_file() else None,
+    )
+
+
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
+    """TensorBoard-style exponential smoothing with bias correction (the first points are not dragged to 0)."""
+    out, avg = [], 0.0
+    for k, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**k))
+    return out
+
+
+def plot_curves(runs: list[Run], event: str, key: str, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for k, run in enumerate(runs):
+        rows = [r for r in run.metrics if r["event"] == event and r.get(key) is not None]
+        steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+        color = f"C{k}"
+        label = run.name if len(runs) > 1 else key.replace("_", " ")
+        if event == "train":
+            ax.plot(steps, values, color=color, alpha=0.3, linewidth=1, label=f"{label} (raw)")
+            ax.plot(steps, smooth(values), color=color, linewidth=2, label=f"{label} (smoothed)")
+        else:
+            ax.plot(steps, values, color=color, marker="o", linewidth=2, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _f(x, digits=4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def blocks(runs: list[Run], images: dict[str, Path]) -> list[tuple]:
+    """The report as ('h', text) / ('p', text) / ('table', header, rows) / ('img', caption, path) blocks."""
+    out: list[tuple] = [("h", "loramix report: " + ", ".join(r.name for r in runs))]
+    out.append(("table", ["run", "status", "steps", "train time (s)", "train tokens/s", "eval samples/s", "val loss", "val PPL", "val BPT", "val BPB"],
+                [_summary_row(r) for r in runs]))
+    out.append(("h", "Loss curves"))
+    out.append(("img", "Training loss over optimizer steps (raw and smoothed)", images["train"]))
+    out.append(("img", "Validation loss over optimizer steps", images["val"]))
+    for run in runs:
+        out += _run_blocks(run, len(runs) > 1)
+    return out
+
+
+def _summary_row(run: Run) -> list[str]:
+    train_rows = [r for r in run.metrics if r["event"] == "train"]
+    last = train_rows[-1] if train_rows else {}
+    o = run.eval["overall"] if run.eval else {}
+    return [run.name, run.status.get("status", "?"), str(last.get("step", 0)), _f(last.get("elapsed_s"), 1),
+            _f(last.get("tokens_per_s"), 0), _f(run.eval.get("samples_per_s") if run.eval else None, 1),
+            _f(o.get("loss")), _f(o.get("ppl"), 2), _f(o.get("bpt"), 3), _f(o.get("bpb"), 3)]
+
+
+def _run_blocks(run: Run, several: bool) -> list[tuple]:
+    c = run.config
+    m, lo, d, t = c["model"], c["lora"], c["data"], c["train"]
+    out: list[tuple] = [("h", f"Run {run.name}" if several else "Run")]
+    sizes = ", ".join(f"{k}={m[k]}" for k in ("n_layer", "n_embd", "n_head") if m.get(k))
+    out.append(("p", f"Model {m['name']} ({m['init']}{', ' + sizes if sizes else ''}); LoRA r={lo['r']}, alpha={lo['alpha']}, "
+                     f"dropout={lo['dropout']}, targets {', '.join(lo['targets'])}; {t['epochs']} epoch(s), AdamW lr {t['lr']}, "
+                     f"weight decay {t['weight_decay']}, {t['warmup_steps']} warmup steps; batch {t['micro_batch']} x {t['grad_accum']} "
+                     f"x {run.status.get('world_size', 1)} process(es) in {t['batch_unit']}; sequence length {d['seq_len']}, "
+                     f"packing {'on' if d['packing'] else 'off'}; {len(d['sources'])} sources, cap {d['cap']}, {d['val_share']:.0%} held out."))
+    out.append(("table", ["source", "train", "validation", "weight"],
+                [[n, str(s["train"]), str(s["val"]), str(s["weight"])] for n, s in run.manifest["sources"].items()]))
+    if run.eval:
+        rows = [[n, f"{x['tokens']:,}", _f(x["loss"]), _f(x["ppl"], 2), _f(x["bpt"], 3), _f(x["bpb"], 3)]
+                for n, x in [*run.eval["per_source"].items(), ("overall", run.eval["overall"])]]
+        out.append(("table", ["source", "tokens", "loss", "PPL", "BPT", "BPB"], rows))
+    if run.eval and "forgetting" in run.eval:
+        out.append(("p", "Forgetting check: the same validation rows scored by the base model (adapter disabled) and by the "
+                         "tuned model. A negative change means the adapter lowered the loss."))
+        out.append(("table", ["source", "base loss", "tuned loss", "change"],
+                    [[n, _f(r["base_loss"]), _f(r["tuned_loss"]), f"{r['delta']:+.4f}"] for n, r in run.eval["forgetting"].items()]))
+    if run.eval and "outside" in run.eval:
+        out.append(("p", "Held-out sources, never trained on (eval.forgetting_sources): what the adapter costs outside the mixture."))
+        out.append(("table", ["source", "base loss", "tuned loss", "change"],
+                    [[n, _f(r["base_loss"]), _f(r["tuned_loss"]), f"{r['delta']:+.4f}"] for n, r in run.eval["outside"]["forgetting"].items()]))
+    env = run.status.get("environment", {})
+    out.append(("p", f"Hardware and versions: device {run.status.get('device', '?')} ({env.get('gpu') or 'CPU, ' + str(env.get('cpu_count')) + ' cores'}), "
+                     f"precision {run.status.get('precision', '?')}; Python {env.get('python')}, torch {env.get('torch')}, "
+                     f"transformers {env.get('transformers')}, peft {env.get('peft')}; {env.get('platform')}."))
+    return out
+
+
+def to_markdown(doc: list[tuple], base: Path) -> str:
+    lines = []
+    for block in doc:
+        if block[0] == "h":
+            lines.append(("# " if not lines else "## ") + block[1])
+        elif block[0] == "p":
+            lines.append(block[1])
+        elif block[0] == "table":
+            header, rows = block[1], block[2]
+            lines.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]))
+        else:
+            lines.append(f"![{block[1]}]({block[2].relative_to(base)})")
+    return "\n\n".join(lines) + "\n"
+
+
+def to_html(doc: list[tuple]) -> str:
+    parts = []
+    for block in doc:
+        if block[0] == "h":
+            parts.append(f"<h{1 if not parts else 2}>{html.escape(block[1])}</h{1 if not parts else 2}>")
+        elif block[0] == "p":
+            parts.append(f"<p>{html.escape(block[1])}</p>")
+        elif block[0] == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        else:
+            data = base64.b64encode(block[2].read_bytes()).decode()
+            parts.append(f'<figure><img alt="{html.escape(block[1])}" src="data:image/png;base64,{data}"><figcaption>{html.escape(block[1])}</figcaption></figure>')
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}figcaption{color:#555;font-size:90%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>loramix report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+
+
+def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write report.md, report.html and the PNGs into `out_dir` (default: the first run dir)."""
+    runs = [load_run(p) for p in run_dirs]
+    out_dir = Path(out_dir or runs[0].path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = {
+        "train": plot_curves(runs, "train", "train_loss", "Training loss", out_dir / "train_loss.png"),
+        "val": plot_curves(runs, "eval", "val_loss", "Validation loss", out_dir / "val_loss.png"),
+    }
+    doc = blocks(runs, images)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    rundir.write_atomic(md, to_markdown(doc, out_dir))
+    rundir.write_atomic(page, to_html(doc))
+    return md, page
