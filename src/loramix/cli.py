@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--out", type=Path, help="also write the metrics as JSON to this file")
 
+    m = sub.add_parser("merge", help="fold an adapter into its base: a plain Hugging Face model dir")
+    m.add_argument("source", type=Path, help="a run dir, or a stock PEFT adapter dir")
+    m.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights dtype of the merged model")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     r = sub.add_parser("report", help="write report.md and report.html (plots inlined) for one or more runs")
     r.add_argument("run_dirs", type=Path, nargs="+")
     r.add_argument("--out", type=Path, help="where to write (default: the first run dir)")
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.add_argument("--keys", action="store_true", help="list every key, its default and what it does")
 
-    for s in (t, e, r, c):
+    for s in (t, e, m, r, c):
         s.add_argument("--debug", action="store_true", help="show tracebacks")
         s.add_argument("--quiet", action="store_true", help="print only errors and final results")
     return p
@@ -92,6 +98,12 @@ def _dispatch(args) -> int:
         print(format_table(metrics))
         if args.out:
             args.out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        return 0
+    if args.command == "merge":
+        from loramix.export import merge
+
+        out = merge(args.source, args.out, args.dtype, args.overwrite)
+        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
         return 0
     if args.command == "report":
         from loramix.report import build_report

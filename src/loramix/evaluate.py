@@ -19,7 +19,8 @@ import torch
 from loramix.data.packing import IGNORE, Row, collate
 from loramix.errors import LoramixError
 from loramix import rundir
-from loramix.model import base_fingerprint, load_adapter, token_nll
+from loramix.export import load_run_adapter
+from loramix.model import token_nll
 from loramix.runtime import Dist, autocast_for, compile_body, init_distributed, resolve_device, setup
 
 
@@ -157,17 +158,12 @@ def evaluate_run(run_dir: Path, log=print, progress: bool = False) -> dict:
         LoramixError: not a run dir, no adapter yet, or a base model that differs from the one trained.
     """
     cfg = rundir.load_run_config(run_dir)
-    adapter = Path(run_dir) / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise LoramixError(f"{run_dir} has no adapter yet (unfinished run?); train it to the end first")
     dist = init_distributed(cfg.train)
     device, precision = resolve_device(cfg.train, dist)
-    tokenizer, data, model = setup(cfg, log)
-    expected = rundir.read_json(Path(run_dir) / "run.json").get("base_fingerprint")
-    if expected and base_fingerprint(model) != expected:
-        raise LoramixError(f"the base model '{cfg.model.name}' differs from the one {run_dir} was trained on; restore that base model")
+    tokenizer, data, base = setup(cfg, log)
+    model = load_run_adapter(run_dir, base)
     # Merged into the base weights in memory: evaluation pays nothing for the LoRA side path.
-    model = load_adapter(model, adapter).merge_and_unload().to(device)
+    model = model.merge_and_unload().to(device)
     compile_body(model, cfg.train, device)
     return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
                     tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision), dist, progress and dist.main)

@@ -1,0 +1,68 @@
+"""Merge and interop: merged dirs load in stock transformers with the adapter model's logits; stock PEFT adapters work."""
+
+import pytest
+import torch
+
+from loramix.cli import main
+from loramix.config import load_config
+from loramix.train import train
+
+from conftest import ROOT, TINY
+
+IDS = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256, 40, 1101, 3772]])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache_dir):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
+    return train(cfg, tmp_path_factory.mktemp("export") / "tiny", log=lambda *a: None)
+
+
+def test_merged_dir_loads_in_stock_transformers_with_equal_logits(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(run.run_dir), "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, run.model.eval()(input_ids=IDS).logits, rtol=0, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(str(out))("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_merge_to_half_precision_and_refuses_a_full_dir(run, tmp_path, capsys):
+    out = tmp_path / "half"
+    assert main(["merge", str(run.run_dir), "--out", str(out), "--dtype", "bf16"]) == 0
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert main(["merge", str(run.run_dir), "--out", str(out)]) == 2
+    assert "is not empty; pick another --out or pass --overwrite" in capsys.readouterr().err
+
+
+def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path):
+    """An adapter made by stock PEFT (get_peft_model + save_pretrained) on a stock GPT-2 dir."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2)).save_pretrained(str(base_dir))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter: B is zero at init
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=IDS).logits
+        torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=0, atol=1e-4)
+        assert (expected - AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()(input_ids=IDS).logits).abs().max() > 1e-3
+
+
+def test_merge_of_something_else(tmp_path, capsys):
+    assert main(["merge", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "is neither a loramix run dir (config.yaml) nor a PEFT adapter dir" in capsys.readouterr().err
