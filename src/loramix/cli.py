@@ -32,6 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights dtype of the merged model")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+    g = sub.add_parser("generate", help="sample text from a run, a PEFT adapter or a model dir")
+    g.add_argument("source", type=Path, help="a run dir, a stock PEFT adapter dir, or a (merged) model dir")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; its completion streams as it is generated")
+    src.add_argument("--prompts-file", type=Path, help="one prompt per line, generated as a batch ('-': stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+
     r = sub.add_parser("report", help="write report.md and report.html (plots inlined) for one or more runs")
     r.add_argument("run_dirs", type=Path, nargs="+")
     r.add_argument("--out", type=Path, help="where to write (default: the first run dir)")
@@ -41,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.add_argument("--keys", action="store_true", help="list every key, its default and what it does")
 
-    for s in (t, e, m, r, c):
+    for s in (t, e, m, g, r, c):
         s.add_argument("--debug", action="store_true", help="show tracebacks")
         s.add_argument("--quiet", action="store_true", help="print only errors and final results")
     return p
@@ -105,6 +119,8 @@ def _dispatch(args) -> int:
         out = merge(args.source, args.out, args.dtype, args.overwrite)
         print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
         return 0
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "report":
         from loramix.report import build_report
 
@@ -112,6 +128,35 @@ def _dispatch(args) -> int:
         print(f"wrote {md} and {page}")
         return 0
     raise AssertionError(args.command)
+
+
+def _generate(args) -> int:
+    import torch
+
+    from loramix.generate import Sampling, generate, load_for_generation
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, tuple(args.stop))
+    sampling.check()  # before the model loads
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        if str(args.prompts_file) != "-" and not args.prompts_file.is_file():
+            raise LoramixError(f"prompts file {args.prompts_file} does not exist; pass a text file with one prompt per line")
+        text = sys.stdin.read() if str(args.prompts_file) == "-" else args.prompts_file.read_text(encoding="utf-8")
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise LoramixError("no prompts: the file or stdin holds no non-empty line")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    model, tokenizer = load_for_generation(args.source, device)
+    streaming = len(prompts) == 1 and not args.quiet
+    texts, rate = generate(model, tokenizer, prompts, sampling, stream=(lambda t: print(t, end="", flush=True)) if streaming else None)
+    if streaming:
+        print()
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(f"{prompt}{text}\n---" if len(prompts) > 1 else text)
+    print(f"[{rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
 
 
 def _quiet_libraries() -> None:
