@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
 
+    v = sub.add_parser("serve", help="OpenAI-compatible /v1/completions over one base and several adapters")
+    v.add_argument("sources", type=Path, nargs="+", help="run dirs or PEFT adapter dirs of one base (named by their dir), or one model dir")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    v.add_argument("--device", default="auto")
+
     r = sub.add_parser("report", help="write report.md and report.html (plots inlined) for one or more runs")
     r.add_argument("run_dirs", type=Path, nargs="+")
     r.add_argument("--out", type=Path, help="where to write (default: the first run dir)")
@@ -55,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.add_argument("--keys", action="store_true", help="list every key, its default and what it does")
 
-    for s in (t, e, m, g, r, c):
+    for s in (t, e, m, g, v, r, c):
         s.add_argument("--debug", action="store_true", help="show tracebacks")
         s.add_argument("--quiet", action="store_true", help="print only errors and final results")
     return p
@@ -121,6 +128,14 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        import torch
+
+        from loramix.serve import serve
+
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+        serve(args.sources, args.host, args.port, args.max_tokens, device, log=print)
+        return 0
     if args.command == "report":
         from loramix.report import build_report
 

@@ -23,7 +23,7 @@ from loramix.model import base_fingerprint, load_adapter, load_base_model, load_
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_run_adapter(run_dir: Path, base):
+def load_run_adapter(run_dir: Path, base, adapter_name: str = "default"):
     """A run's adapter on `base`, after checking that `base` is the model the run trained.
 
     Raises:
@@ -37,10 +37,10 @@ def load_run_adapter(run_dir: Path, base):
     if expected and base_fingerprint(base) != expected:
         name = base.config.name_or_path or "the base model"
         raise LoramixError(f"{name} differs from the base {run_dir} was trained on; restore that base model")
-    return load_adapter(base, adapter)
+    return load_adapter(base, adapter, adapter_name=adapter_name)
 
 
-def load_tuned(source: Path):
+def load_tuned(source: Path, adapter_name: str = "default"):
     """(PeftModel, tokenizer) for a run dir or a stock PEFT adapter dir.
 
     Raises:
@@ -49,14 +49,14 @@ def load_tuned(source: Path):
     source = Path(source)
     if (source / "config.yaml").is_file():
         cfg = rundir.load_run_config(source)
-        return load_run_adapter(source, load_base_model(cfg.model, cfg.data.seq_len)), load_tokenizer(cfg.model)
+        return load_run_adapter(source, load_base_model(cfg.model, cfg.data.seq_len), adapter_name), load_tokenizer(cfg.model)
     if (source / "adapter_config.json").is_file():
         name = json.loads((source / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
         if not name:
             raise LoramixError(f"{source}/adapter_config.json names no base model; set base_model_name_or_path in it")
         mc = ModelConfig(name=name)
         base = load_base_model(mc, seq_len=1)
-        return load_adapter(base, source), load_tokenizer(mc)
+        return load_adapter(base, source, adapter_name=adapter_name), load_tokenizer(mc)
     raise LoramixError(f"{source} is neither a loramix run dir (config.yaml) nor a PEFT adapter dir (adapter_config.json)")
 
 

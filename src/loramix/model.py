@@ -152,10 +152,10 @@ def attach_lora(model, lc: LoraConfig, seed: int):
             raise LoramixError(f"LoRA targets {lc.targets} do not match modules of this model ({e}); fix lora.targets") from e
 
 
-def load_adapter(model, adapter_dir: Path, trainable: bool = False):
+def load_adapter(model, adapter_dir: Path, trainable: bool = False, adapter_name: str = "default"):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, adapter_name=adapter_name)
 
 
 def count_parameters(model) -> tuple[int, int]:
