@@ -77,3 +77,11 @@ def test_console_script_exit_code_and_single_line():
     proc = subprocess.run([sys.executable, "-m", "loramix", "train", "-c", DEMO, "train.epochs=0"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "loramix: error: bad config: train.epochs=0 must be > 0"
+
+
+def test_overrides_may_follow_options(capsys, cache_dir):
+    assert main(["config", "-c", DEMO, "lora.r=4", "--quiet", "train.epochs=5"]) == 0
+    out = capsys.readouterr().out
+    assert "r: 4" in out and "epochs: 5" in out
+    with pytest.raises(SystemExit):
+        main(["config", "-c", DEMO, "--bogus"])

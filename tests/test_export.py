@@ -40,7 +40,7 @@ def test_merge_to_half_precision_and_refuses_a_full_dir(run, tmp_path, capsys):
     assert "is not empty; pick another --out or pass --overwrite" in capsys.readouterr().err
 
 
-def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path):
+def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
     """An adapter made by stock PEFT (get_peft_model + save_pretrained) on a stock GPT-2 dir."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -61,6 +61,22 @@ def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path):
         expected = peft_model.eval()(input_ids=IDS).logits
         torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=0, atol=1e-4)
         assert (expected - AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()(input_ids=IDS).logits).abs().max() > 1e-3
+    # ... and evaluated (on the data of a preset) and sampled by loramix
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "adapter"), "-c", str(ROOT / "configs" / "demo.yaml"), "data.seq_len=64",
+                 f"data.cache_dir={cache_dir}", "--out", str(out), "--quiet"]) == 0
+    import json
+
+    metrics = json.loads(out.read_text())
+    assert len(metrics["per_source"]) == 8 and metrics["overall"]["tokens"] > 0 and metrics["overall"]["loss"] > 0
+    from loramix.generate import Sampling, generate, load_for_generation
+
+    model, tok = load_for_generation(tmp_path / "adapter", torch.device("cpu"))
+    (text,), _ = generate(model, tok, ["Hello"], Sampling(max_new_tokens=3))
+    ids = tok("Hello", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        first = peft_model(input_ids=ids).logits[0, -1].argmax()
+    assert tok(text)["input_ids"][0] == int(first)
 
 
 def test_merge_of_something_else(tmp_path, capsys):

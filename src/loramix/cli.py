@@ -22,8 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest valid checkpoint (train.resume=auto)")
 
-    e = sub.add_parser("eval", help="recompute a run's validation metrics from its adapter")
-    e.add_argument("run_dir", type=Path)
+    e = sub.add_parser("eval", help="recompute a run's validation metrics from its adapter (or score a PEFT adapter dir)")
+    # One positional list (the dir, then overrides): argparse cannot split two positionals around -c.
+    e.add_argument("target", nargs="+", metavar="DIR [key=value ...]",
+                   help="a run dir; or a stock PEFT adapter dir followed by overrides of the -c preset whose data to score")
+    e.add_argument("-c", "--config", help="for a PEFT adapter dir: the preset whose data to score")
     e.add_argument("--out", type=Path, help="also write the metrics as JSON to this file")
 
     m = sub.add_parser("merge", help="fold an adapter into its base: a plain Hugging Face model dir")
@@ -69,7 +72,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse matches positionals only before the first option: `-c P a=b --run-dir D c=d` leaves c=d over.
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides") and not hasattr(args, "target")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        (args.overrides if hasattr(args, "overrides") else args.target).extend(extra)
     try:
         return _dispatch(args)
     except LoramixError as e:
@@ -113,7 +123,9 @@ def _dispatch(args) -> int:
 
         from loramix.evaluate import evaluate_run, format_table
 
-        metrics = evaluate_run(args.run_dir, log, progress=not args.quiet and sys.stderr.isatty())
+        source, overrides = Path(args.target[0]), args.target[1:]
+        cfg = load_config(args.config, overrides) if args.config or overrides else None
+        metrics = evaluate_run(source, log, progress=not args.quiet and sys.stderr.isatty(), cfg=cfg)
         if not main_process:
             return 0
         print(format_table(metrics))

