@@ -10,6 +10,7 @@ request gets a 4xx with an OpenAI-style error body; an unexpected failure a 500 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -122,22 +123,13 @@ def complete(engine: Engine, r: dict, stream=None) -> list[tuple[str, str, int]]
         if engine.adapters and r["model"] != "base":
             engine.model.set_adapter(r["model"])
         adapter_off = engine.adapters and r["model"] == "base"
-        ctx = engine.model.disable_adapter() if adapter_off else _null()
         out = []
-        with ctx:
+        with engine.model.disable_adapter() if adapter_off else contextlib.nullcontext():
             for prompt in r["prompts"]:
                 (text,), _ = generate(engine.model, engine.tokenizer, [prompt], s, stream=stream)
                 n = len(engine.tokenizer(text)["input_ids"])
                 out.append((text, "length" if n >= r["max_tokens"] else "stop", n))
         return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_handler(engine: Engine, log):
