@@ -270,7 +270,7 @@ def table(spec: dict, res: dict) -> str:
         f"model: GPT-2 architecture, {spec['layers']} layers, width {spec['width']}, {spec['heads']} heads, random init, GPT-2 vocabulary;"
         f" {lx['docs']} training documents ({spec['docs_per_source']} per source before the 15% hold-out), {lx['eval_samples']} validation documents",
         "",
-        f"| training (1 epoch, same documents) | docs/s | docs/s (median third) | real tokens/s | peak memory MB | val loss after |",
+        "| training (1 epoch, same documents) | docs/s | docs/s (median third) | real tokens/s | peak memory MB | val loss after |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in [("Trainer, padded to 512 (seed)", mx), ("Trainer, dynamic padding", dyn), ("loramix train", lx)]:
@@ -278,7 +278,7 @@ def table(spec: dict, res: dict) -> str:
                      f" {r['peak_mb']:,.0f} | {r['val_loss']:.4f} |")
     lines += [
         "",
-        f"| ratio, loramix / baseline | docs/s (median third) | peak memory |",
+        "| ratio, loramix / baseline | docs/s (median third) | peak memory |",
         "|---|---:|---:|",
     ]
     for name, r in [("vs padded to 512", mx), ("vs dynamic padding", dyn)]:

@@ -141,11 +141,10 @@ def _dispatch(args) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "serve":
-        import torch
 
         from loramix.serve import serve
 
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+        device = _device(args.device)
         serve(args.sources, args.host, args.port, args.max_tokens, device, log=print)
         return 0
     if args.command == "report":
@@ -157,8 +156,14 @@ def _dispatch(args) -> int:
     raise AssertionError(args.command)
 
 
-def _generate(args) -> int:
+def _device(name: str):
+    """'auto': the GPU when there is one, else the CPU; otherwise the device named."""
     import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _generate(args) -> int:
 
     from loramix.generate import Sampling, generate, load_for_generation
 
@@ -173,7 +178,7 @@ def _generate(args) -> int:
         prompts = [line for line in text.splitlines() if line.strip()]
         if not prompts:
             raise LoramixError("no prompts: the file or stdin holds no non-empty line")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = _device(args.device)
     model, tokenizer = load_for_generation(args.source, device)
     streaming = len(prompts) == 1 and not args.quiet
     texts, rate = generate(model, tokenizer, prompts, sampling, stream=(lambda t: print(t, end="", flush=True)) if streaming else None)
