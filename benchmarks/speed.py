@@ -47,12 +47,12 @@ def overrides(spec: dict) -> list[str]:
 def load(spec: dict):
     """Config, tokenizer, prepared data and the baseline's initial LoRA model: loramix's initial weights,
     with GPT-2's stock activation modules put back (loramix fuses the GELU; the seed's setup did not)."""
+    from loramix.artifacts import load_inputs
     from loramix.config import load_config
     from loramix.model import attach_lora
-    from loramix.runtime import setup
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", overrides(spec))
-    tokenizer, data, base = setup(cfg, log=lambda *a: None)
+    tokenizer, data, base = load_inputs(cfg, log=lambda *a: None)
     return cfg, tokenizer, data, attach_lora(stock_activations(base), cfg.lora, cfg.train.seed)
 
 
@@ -105,10 +105,9 @@ def token_loss(model, segments, device: str) -> float:
 
 
 def worker_loramix(spec: dict) -> dict:
-    from loramix.evaluate import evaluate_run
-    from loramix.train import train
-
+    from loramix.commands import evaluate_source
     from loramix.config import load_config
+    from loramix.train import train
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", overrides(spec))
     result = train(cfg, Path(spec["work"]) / "loramix-run", log=lambda *a: None)
@@ -119,14 +118,16 @@ def worker_loramix(spec: dict) -> dict:
     cumulative = [r["docs"] for r in steps]
     docs = [b - a for a, b in zip([0] + cumulative, cumulative)]
     seconds = times[-1]
-    evals = [evaluate_run(Path(spec["work"]) / "loramix-run", log=lambda *a: None) for _ in range(spec["eval_reps"])]
+    # The validation pass alone (the seed preset's forgetting check would score the base model too).
+    evals = [evaluate_source(Path(spec["work"]) / "loramix-run", overrides=["eval.base_compare=false"], log=lambda *a: None)
+             for _ in range(spec["eval_reps"])]
     return {
         "train_seconds": seconds, "docs": steps[-1]["docs"], "steps": len(steps),
         "docs_per_s": steps[-1]["docs"] / seconds, "docs_per_s_median_third": thirds(times, docs, 0.0),
         "real_tokens": sum(len(s.tokens) for s in _train_segments(spec)),
-        "val_loss": result.eval["overall"]["loss"], "peak_mb": peak,
-        "eval_samples_per_s": statistics.median(e["samples_per_s"] for e in evals),
-        "eval_loss": evals[0]["overall"]["loss"], "eval_samples": evals[0]["samples"],
+        "val_loss": result.eval.overall.loss, "peak_mb": peak,
+        "eval_samples_per_s": statistics.median(e.samples_per_s for e in evals),
+        "eval_loss": evals[0].overall.loss, "eval_samples": evals[0].samples,
     }
 
 

@@ -1,4 +1,7 @@
-"""Shared fixtures: offline Hugging Face libraries, a private cache, a tiny GPT-2 config."""
+"""Shared fixtures: offline Hugging Face libraries, a private cache, a tiny GPT-2 config, the one tiny run
+that every test reading a finished run shares, and helpers the test modules have in common.
+
+Tiers (markers, `pytest -m unit` etc.): unit, e2e, parity, gpu (skipped without CUDA)."""
 
 import os
 
@@ -7,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -15,6 +19,16 @@ from loramix.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu skip on a machine without CUDA (CI), and run where one is."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +53,29 @@ def tiny_overrides(cache_dir) -> list[str]:
 @pytest.fixture
 def tiny_cfg(tiny_overrides):
     return load_config(ROOT / "configs" / "demo.yaml", tiny_overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir):
+    """A finished tiny run (demo preset + TINY), trained once per session; tests only read it."""
+    from loramix.train import train
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
+    return train(cfg, tmp_path_factory.mktemp("shared") / "tiny", log=lambda *a: None)
+
+
+def tiny_lora_model(seq_len: int = 64, seed: int = 0, *overrides: str):
+    """A 2-layer width-32 random GPT-2 with fresh LoRA, in eval mode (GPT-2's own dropout off; gradients still flow)."""
+    from loramix.model import attach_lora, load_base_model
+
+    cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", *overrides])
+    return attach_lora(load_base_model(cfg.model, seq_len), cfg.lora, seed).eval()
+
+
+TIMING = {"elapsed_s", "tokens_per_s", "samples_per_s", "eval_tokens_per_s"}
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields, which differ between identical runs."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]

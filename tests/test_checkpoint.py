@@ -18,9 +18,9 @@ from loramix.config import load_config
 from loramix.errors import LoramixError
 from loramix.train import train
 
-from conftest import ROOT
+from conftest import ROOT, metric_rows
 
-TIMING = {"elapsed_s", "tokens_per_s", "samples_per_s", "eval_tokens_per_s"}
+pytestmark = pytest.mark.e2e
 
 
 def _args(cache_dir):
@@ -40,11 +40,6 @@ def _run(args, run_dir, crash_at=None, check=True):
     return proc
 
 
-def _rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
@@ -61,15 +56,15 @@ def test_killed_and_resumed_run_is_bit_identical(reference, cache_dir, tmp_path)
     proc = _run(args, run_dir, crash_at="checkpoint-6-partial")  # killed while writing a checkpoint
     assert proc.returncode == -signal.SIGKILL
     assert ckpt.latest_names(run_dir) == ["step-0000002", "step-0000004"]
-    assert list((run_dir / "checkpoints").glob(".tmp-step-0000006-*"))  # the torn write, never renamed
+    assert list((run_dir / "checkpoints").glob(".step-0000006.*.tmp"))  # the torn write, never renamed
     proc = _run(args, run_dir, crash_at="step-9")
     assert proc.returncode == -signal.SIGKILL
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert not list((run_dir / "checkpoints").glob(".*.tmp*"))
     _run(args, run_dir)
     ref = (reference / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == ref
-    assert _rows(run_dir) == _rows(reference)
-    assert [r["step"] for r in _rows(run_dir) if r["event"] == "train"] == list(range(1, 13))
+    assert metric_rows(run_dir) == metric_rows(reference)
+    assert [r["step"] for r in metric_rows(run_dir) if r["event"] == "train"] == list(range(1, 13))
     assert json.loads((run_dir / "eval.json").read_text())["overall"] == json.loads((reference / "eval.json").read_text())["overall"]
     assert ckpt.latest_names(run_dir)[-2:] == ["step-0000010", "step-0000012"]
 
@@ -92,7 +87,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(reference, cache_dir, tmp_path)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     _run(args, run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == (reference / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert _rows(run_dir) == _rows(reference)
+    assert metric_rows(run_dir) == metric_rows(reference)
 
 
 def test_damaged_checkpoint_is_skipped_for_the_previous(reference, tmp_path):
@@ -187,7 +182,7 @@ def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, cache_dir, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
-    assert result.eval["overall"]["loss"] < 11
+    assert result.eval.overall.loss < 11
 
 
 def test_persistent_nonfinite_stops_and_keeps_the_last_good_checkpoint(monkeypatch, cache_dir, tmp_path):
@@ -217,7 +212,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(monkeypatch, cach
     assert "the previous checkpoint step-0000002 is intact" in str(e.value)
     assert ckpt.latest_names(tmp_path / "run") == ["step-0000002"]
     assert ckpt.verify(tmp_path / "run" / "checkpoints" / "step-0000002") is None
-    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp*"))
 
 
 def test_keeps_the_newest_and_the_best(reference):
@@ -225,6 +220,6 @@ def test_keeps_the_newest_and_the_best(reference):
     best = ckpt.best_checkpoint(reference)
     assert names[-2:] == ["step-0000010", "step-0000012"]
     assert best[0] in names and set(names) <= {best[0], "step-0000010", "step-0000012"}
-    evals = [r for r in _rows(reference) if r["event"] == "eval"]
+    evals = [r for r in metric_rows(reference) if r["event"] == "eval"]
     assert best[1] == min(r["val_loss"] for r in evals)
     assert json.loads((reference / "run.json").read_text())["best_checkpoint"]["name"] == best[0]

@@ -10,6 +10,8 @@ from loramix.cli import main
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.e2e
+
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
 
@@ -33,6 +35,8 @@ def _fails(capsys, argv, message, run_dir):
     ("data.sources.xsum.template={body}", "template names field 'body' which the data lacks (fields: document, summary, id); fix data.sources.xsum.template"),
     ("model.name=/no/such/model", "model directory /no/such/model does not exist"),
     ("data.seq_len=2048", "data.seq_len=2048 is beyond the model's 1024 positions; set data.seq_len<=1024"),
+    ("train.device=tpu", "train.device='tpu' is not a device (choose one of: auto, cpu, cuda, cuda:N, mps)"),
+    ("train.compile=maybe", "train.compile='maybe' is not allowed (choose one of: auto, on, off)"),
     ("data.local_dir=/no/such/dir", "/no/such/dir/wikitext.jsonl does not exist; fix data.local_dir"),
 ])
 def test_train_bad_input(capsys, tmp_path, tiny_overrides, override, message):
@@ -63,7 +67,7 @@ def test_missing_preset_and_existing_run(capsys, tmp_path, tiny_overrides):
 
 def test_eval_on_a_non_run_dir(capsys, tmp_path):
     assert main(["eval", str(tmp_path)]) == 2
-    assert "is not a loramix run dir (no config.yaml)" in capsys.readouterr().err
+    assert "is neither a loramix run dir (config.yaml) nor a PEFT adapter dir" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback(tmp_path):

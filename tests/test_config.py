@@ -1,9 +1,16 @@
-import pytest
+import dataclasses
+import subprocess
+import sys
 
-from loramix.config import describe_keys, load_config
+import pytest
+import yaml
+
+from loramix.config import BUILTIN_SOURCES, Config, config_from_dict, describe_keys, load_config
 from loramix.errors import LoramixError
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -63,6 +70,11 @@ def test_custom_source_needs_hub_id_or_path():
     ("data.val_share=1.5", "data.val_share=1.5 must be in (0, 1)"),
     ("model.init=zeros", "model.init='zeros' is not allowed (choose one of: pretrained, random)"),
     ("data.sources.squad.cap=0", "data.sources.squad.cap=0 must be > 0"),
+    ("lora.dropout=1", "lora.dropout=1.0 must be in [0, 1)"),
+    ("train.weight_decay=-1", "train.weight_decay=-1.0 must be >= 0"),
+    ("train.compile=maybe", "train.compile='maybe' is not allowed (choose one of: auto, on, off)"),
+    ("data.packing=maybe", "data.packing='maybe' must be true or false"),
+    ("lora=5", "lora=5 must be a mapping of keys"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, message):
     with pytest.raises(LoramixError) as e:
@@ -101,3 +113,69 @@ def test_every_key_is_documented():
               "train.grad_accum", "train.lr", "train.eval_every", "train.seed"]:
         assert k in keys
     assert all(doc for _, _, doc in rows)
+
+
+def test_a_bad_integer_is_one_error_not_two():
+    with pytest.raises(LoramixError) as e:
+        load_config(None, ["lora.r=abc"])
+    assert str(e.value) == "bad config: lora.r='abc' must be an integer"
+
+
+def test_unknown_source_is_reported_with_the_other_errors():
+    with pytest.raises(LoramixError) as e:
+        load_config(None, ["data.sources=[mine]", "lora.r=0"])
+    assert str(e.value).startswith("bad config: lora.r=0 must be > 0; data.sources.mine: unknown source; give it a hub_id or a path")
+
+
+@pytest.mark.parametrize("text, value", [("on", "on"), ("off", "off"), ("On", "on"), ('"on"', "on"), ("auto", "auto")])
+def test_compile_takes_on_and_off_as_words(text, value):
+    assert load_config(None, [f"train.compile={text}"]).train.compile == value
+
+
+def test_yaml_booleans_map_back_to_word_choices(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  compile: on\ndata:\n  packing: off\n", encoding="utf-8")
+    cfg = load_config(preset)
+    assert (cfg.train.compile, cfg.data.packing) == ("on", False)
+    assert config_from_dict({"train": {"compile": False}}).train.compile == "off"
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_forms_load(device):
+    assert load_config(None, [f"train.device={device}"]).train.device == device
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])
+def test_unknown_device_fails_at_load(device):
+    with pytest.raises(LoramixError) as e:
+        load_config(None, [f"train.device={device}"])
+    assert str(e.value) == f"bad config: train.device='{device}' is not a device (choose one of: auto, cpu, cuda, cuda:N, mps)"
+
+
+def test_string_fields_take_the_override_text():
+    cfg = load_config(None, ["data.sources.squad.template={body}", "data.sources.squad.subset=3.0", "lora.targets=c_attn"])
+    assert (cfg.data.sources["squad"].template, cfg.data.sources["squad"].subset, cfg.lora.targets) == ("{body}", "3.0", ["c_attn"])
+
+
+def test_saved_config_round_trips():
+    cfg = load_config(ROOT / "configs" / "seed.yaml", ["train.compile=off", "data.sources.squad.cap=5"])
+    saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert config_from_dict(saved) == cfg
+    assert dataclasses.replace(cfg.data, local_dir="/d").sources == cfg.data.sources
+
+
+def test_builtin_sources_fill_the_defaults():
+    assert list(Config().data.sources) == list(BUILTIN_SOURCES)
+    assert Config().data.sources["cnn_dailymail"].subset == "3.0.0"
+
+
+def test_cap_for_prefers_the_source_cap():
+    data = load_config(None, ["data.sources=[squad, imdb]", "data.sources.squad.cap=5", "data.cap=7"]).data
+    assert (data.cap_for(data.sources["squad"]), data.cap_for(data.sources["imdb"])) == (5, 7)
+    assert load_config(None, ["data.cap=null"]).data.cap_for(data.sources["imdb"]) is None
+
+
+def test_config_imports_no_later_stage():
+    code = "import sys, loramix.config; print(sorted(m for m in sys.modules if m.startswith('loramix')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['loramix', 'loramix.config', 'loramix.errors']"

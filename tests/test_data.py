@@ -1,17 +1,22 @@
+import ast
 import json
 
 import numpy as np
 import pytest
 
 from loramix.config import load_config
+from loramix.data import sources
 from loramix.data.mixture import build_mixture
 from loramix.data.packing import IGNORE, Segment, collate, make_segments
+from loramix.data.prepare import prepare_data
 from loramix.data.sources import load_documents
 from loramix.data.tokens import tokenize_documents
 from loramix.errors import LoramixError
 from loramix.model import load_tokenizer
 
 from conftest import REAL_DATA
+
+pytestmark = pytest.mark.unit
 
 
 def _write_jsonl(path, rows):
@@ -145,6 +150,37 @@ def test_missing_local_file(tmp_path):
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
     with pytest.raises(LoramixError, match=r"imdb.jsonl does not exist; fix data.local_dir or data.sources.imdb.path"):
         load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_empty_jsonl_is_called_empty(tmp_path, content):
+    (tmp_path / "imdb.jsonl").write_text(content, encoding="utf-8")
+    cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
+    with pytest.raises(LoramixError) as e:
+        load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+    assert str(e.value) == f"source 'imdb': {tmp_path / 'imdb.jsonl'} is empty; add rows or drop the source"
+
+
+def test_local_dir_that_is_a_file(tmp_path):
+    _write_jsonl(tmp_path / "imdb.jsonl", [{"text": "a"}])
+    cfg = load_config(None, ["data.sources=[imdb]", f"data.local_dir={tmp_path / 'imdb.jsonl'}"])
+    with pytest.raises(LoramixError) as e:
+        load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
+    assert str(e.value) == (f"data.local_dir={tmp_path / 'imdb.jsonl'} is a file, not a folder; "
+                            "point it at a folder of <source>.jsonl files such as imdb.jsonl")
+
+
+def test_demo_local_dir_generates_data(tmp_path, tokenizer):
+    cfg = _cfg(tmp_path, ["data.local_dir=@demo", "data.sources=[imdb, squad]", "data.cap=20", "data.seq_len=64"])
+    manifest = prepare_data(cfg.data, tokenizer, log=lambda *a: None).mixture.manifest["sources"]
+    assert [(m["selected"], m["train"], m["val"]) for m in manifest.values()] == [(20, 17, 3), (20, 17, 3)]
+
+
+def test_sources_imports_only_config_and_errors():
+    tree = ast.parse(open(sources.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+    assert {m for m in imported if m.startswith("loramix")} == {"loramix.config", "loramix.errors"}
 
 
 def test_invalid_jsonl_names_file_and_line(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, metric_rows
 
-TIMING = {"elapsed_s", "tokens_per_s", "samples_per_s", "eval_tokens_per_s"}
+pytestmark = pytest.mark.parity
 
 
 def _args(cache_dir, grad_accum):
@@ -30,11 +30,6 @@ def _launch(nproc, args, check=True):
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def _assert_rows_close(a, b):
@@ -63,7 +58,7 @@ def runs(tmp_path_factory, cache_dir):
 
 def test_two_processes_match_one_with_the_same_global_batch(runs):
     one, two = runs
-    _assert_rows_close(_rows(two), _rows(one))
+    _assert_rows_close(metric_rows(two), metric_rows(one))
     _assert_adapters_close(two, one)
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
     assert json.loads((two / "eval.json").read_text())["overall"]["loss"] == pytest.approx(
@@ -92,7 +87,7 @@ def test_two_process_checkpoint_resumes_on_one(runs, tmp_path, cache_dir):
         shutil.rmtree(run / "checkpoints" / name)
     proc = _launch(1, _args(cache_dir, 4)[:-1] + ["--run-dir", str(run), "--resume"])
     assert "written by another number of processes" in proc.stdout
-    _assert_rows_close(_rows(run), _rows(two))
+    _assert_rows_close(metric_rows(run), metric_rows(two))
     _assert_adapters_close(run, two)
 
 
@@ -121,4 +116,4 @@ def test_two_process_resume_is_bit_exact_with_dropout(cache_dir, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000002"]
     _launch(2, args + ["--run-dir", str(run), "--resume"])
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == (ref / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert _rows(run) == _rows(ref)
+    assert metric_rows(run) == metric_rows(ref)

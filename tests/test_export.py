@@ -4,39 +4,33 @@ import pytest
 import torch
 
 from loramix.cli import main
-from loramix.config import load_config
-from loramix.train import train
 
-from conftest import ROOT, TINY
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
 
 IDS = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256, 40, 1101, 3772]])
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, cache_dir):
-    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
-    return train(cfg, tmp_path_factory.mktemp("export") / "tiny", log=lambda *a: None)
-
-
-def test_merged_dir_loads_in_stock_transformers_with_equal_logits(run, tmp_path):
+def test_merged_dir_loads_in_stock_transformers_with_equal_logits(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    assert main(["merge", str(run.run_dir), "--out", str(out)]) == 0
+    assert main(["merge", str(tiny_run.run_dir), "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=IDS).logits, run.model.eval()(input_ids=IDS).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(merged(input_ids=IDS).logits, tiny_run.model.eval()(input_ids=IDS).logits, rtol=0, atol=1e-4)
     assert AutoTokenizer.from_pretrained(str(out))("Hello world")["input_ids"] == [15496, 995]
 
 
-def test_merge_to_half_precision_and_refuses_a_full_dir(run, tmp_path, capsys):
+def test_merge_to_half_precision_and_refuses_a_full_dir(tiny_run, tmp_path, capsys):
     out = tmp_path / "half"
-    assert main(["merge", str(run.run_dir), "--out", str(out), "--dtype", "bf16"]) == 0
+    assert main(["merge", str(tiny_run.run_dir), "--out", str(out), "--dtype", "bf16"]) == 0
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
-    assert main(["merge", str(run.run_dir), "--out", str(out)]) == 2
+    assert main(["merge", str(tiny_run.run_dir), "--out", str(out)]) == 2
     assert "is not empty; pick another --out or pass --overwrite" in capsys.readouterr().err
 
 
@@ -69,9 +63,10 @@ def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
 
     metrics = json.loads(out.read_text())
     assert len(metrics["per_source"]) == 8 and metrics["overall"]["tokens"] > 0 and metrics["overall"]["loss"] > 0
-    from loramix.generate import Sampling, generate, load_for_generation
+    from loramix.artifacts import load_for_generation
+    from loramix.generate import Sampling, generate
 
-    model, tok = load_for_generation(tmp_path / "adapter", torch.device("cpu"))
+    model, tok = load_for_generation(tmp_path / "adapter")
     (text,), _ = generate(model, tok, ["Hello"], Sampling(max_new_tokens=3))
     ids = tok("Hello", return_tensors="pt")["input_ids"]
     with torch.no_grad():

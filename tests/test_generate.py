@@ -6,22 +6,20 @@ import sys
 import pytest
 import torch
 
+from loramix.artifacts import load_for_generation
 from loramix.cli import main
-from loramix.config import load_config
-from loramix.generate import Sampling, generate, load_for_generation
-from loramix.train import train
+from loramix.generate import Sampling, generate
 
-from conftest import ROOT, TINY
+pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, cache_dir):
-    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
-    return train(cfg, tmp_path_factory.mktemp("gen") / "tiny", log=lambda *a: None).run_dir
+@pytest.fixture
+def run_dir(tiny_run):
+    return tiny_run.run_dir
 
 
 def test_sampling_is_deterministic_for_a_seed(run_dir):
-    model, tok = load_for_generation(run_dir, torch.device("cpu"))
+    model, tok = load_for_generation(run_dir)
     s = Sampling(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     a, _ = generate(model, tok, ["Once upon a time"], s)
     b, _ = generate(model, tok, ["Once upon a time"], s)
@@ -30,7 +28,7 @@ def test_sampling_is_deterministic_for_a_seed(run_dir):
 
 
 def test_greedy_follows_the_argmax(run_dir):
-    model, tok = load_for_generation(run_dir, torch.device("cpu"))
+    model, tok = load_for_generation(run_dir)
     (text,), rate = generate(model, tok, ["The market"], Sampling(max_new_tokens=5))
     ids = tok("The market", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -40,7 +38,7 @@ def test_greedy_follows_the_argmax(run_dir):
 
 
 def test_batched_prompts_match_single_prompts(run_dir):
-    model, tok = load_for_generation(run_dir, torch.device("cpu"))
+    model, tok = load_for_generation(run_dir)
     s = Sampling(max_new_tokens=6)
     batch, _ = generate(model, tok, ["A short one", "A much longer prompt than the first one"], s)
     assert batch == [generate(model, tok, [p], s)[0][0] for p in ["A short one", "A much longer prompt than the first one"]]

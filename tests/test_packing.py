@@ -7,9 +7,12 @@ import torch
 from loramix.config import load_config
 from loramix.data.packing import IGNORE, Batching, Segment, best_fit_decreasing, collate, epoch_steps, pack_eval_rows
 from loramix.evaluate import evaluate, token_byte_lengths
-from loramix.model import attach_lora, attention_mask, load_base_model, load_tokenizer, token_nll
+from loramix.loss import attention_mask, token_nll
+from loramix.model import load_base_model, load_tokenizer
 
-from conftest import REAL_DATA
+from conftest import REAL_DATA, tiny_lora_model
+
+pytestmark = pytest.mark.parity
 
 
 def test_best_fit_decreasing_known_answer():
@@ -52,8 +55,7 @@ def test_unpacked_plan_is_one_document_per_row():
 
 
 def _tiny():
-    cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=32", "model.n_head=2"])
-    return attach_lora(load_base_model(cfg.model, 128), cfg.lora, 0).eval()
+    return tiny_lora_model(128)
 
 
 def _docs(lengths, seed=0):
@@ -99,11 +101,11 @@ def test_packed_eval_equals_unpacked_eval():
     docs = _docs([20, 3, 57, 11, 8, 30, 2, 44, 64, 1])
     a = evaluate(model, pack_eval_rows(docs, 64, True), ["a", "b", "c"], tb, "cpu", 50256, batch_size=2)
     b = evaluate(model, pack_eval_rows(docs, 64, False), ["a", "b", "c"], tb, "cpu", 50256, batch_size=3)
-    assert a["rows"] < b["rows"] and a["samples"] == b["samples"] == 10
+    assert a.rows < b.rows and a.samples == b.samples == 10
     for name in ["a", "b", "c"]:
-        assert a["per_source"][name]["loss"] == pytest.approx(b["per_source"][name]["loss"], rel=1e-5)
-        assert a["per_source"][name]["tokens"] == b["per_source"][name]["tokens"]
-    assert a["overall"]["loss"] == pytest.approx(b["overall"]["loss"], rel=1e-5)
+        assert a.per_source[name].loss == pytest.approx(b.per_source[name].loss, rel=1e-5)
+        assert a.per_source[name].tokens == b.per_source[name].tokens
+    assert a.overall.loss == pytest.approx(b.overall.loss, rel=1e-5)
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real")
@@ -119,15 +121,15 @@ def test_real_samples_packed_and_unpacked_validation_loss_agree(cache_dir):
         data = prepare_data(cfg.data, tok, log=lambda *a: None)
         results[packing] = evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tok), "cpu", tok.eos_token_id, 8)
     p, u = results[True], results[False]
-    assert p["rows"] < u["rows"] / 2
-    assert p["overall"]["tokens"] == u["overall"]["tokens"]
-    assert p["overall"]["loss"] == pytest.approx(u["overall"]["loss"], rel=1e-4)
-    assert set(p["per_source"]) == {"wikitext", "tinystories", "ag_news", "yelp_review_full", "cnn_dailymail", "xsum", "squad", "imdb"}
-    for name in p["per_source"]:
-        assert p["per_source"][name]["bpb"] == pytest.approx(u["per_source"][name]["bpb"], rel=1e-4)
+    assert p.rows < u.rows / 2
+    assert p.overall.tokens == u.overall.tokens
+    assert p.overall.loss == pytest.approx(u.overall.loss, rel=1e-4)
+    assert set(p.per_source) == {"wikitext", "tinystories", "ag_news", "yelp_review_full", "cnn_dailymail", "xsum", "squad", "imdb"}
+    for name in p.per_source:
+        assert p.per_source[name].bpb == pytest.approx(u.per_source[name].bpb, rel=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_flash_attention_varlen_matches_sdpa_on_gpu():
     pytest.importorskip("flash_attn")
     losses = {}
@@ -145,18 +147,3 @@ def test_seed_recipe_plans_6375_steps_with_packing():
     lengths = np.random.default_rng(0).integers(10, 513, 68_000)
     b = Batching(packing=True, unit="docs", micro_batch=4, grad_accum=8, seq_len=512, window=2048)
     assert sum(len(epoch_steps(lengths, b, seed=0, epoch=e)) for e in range(3)) == 6375
-
-
-def test_prefetch_keeps_order_and_raises_producer_errors():
-    from loramix.data.packing import prefetch
-
-    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
-
-    def broken():
-        yield 1
-        raise ValueError("bad row")
-
-    out = prefetch(broken())
-    assert next(out) == 1
-    with pytest.raises(ValueError, match="bad row"):
-        next(out)

@@ -2,9 +2,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from loramix.config import keys_markdown
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.unit
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -12,6 +12,8 @@ from loramix.train import train
 
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
@@ -92,7 +94,7 @@ def test_report_on_a_non_run_dir(tmp_path, capsys):
 def test_held_out_sources_are_scored_but_never_trained(run):
     final = json.loads((run / "eval.json").read_text())
     assert set(final["per_source"]) == {"tinystories", "ag_news", "squad", "imdb"}
-    outside = final["outside"]
+    outside = final["forgetting_sources"]
     assert set(outside["per_source"]) == {"wikitext", "xsum"}
     assert set(outside["forgetting"]) == {"wikitext", "xsum", "overall"}
     for name, r in outside["forgetting"].items():

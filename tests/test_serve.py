@@ -4,29 +4,33 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 
+from loramix.artifacts import load_for_generation
 from loramix.config import load_config
-from loramix.generate import Sampling, generate, load_for_generation
+from loramix.generate import Sampling, generate
 from loramix.serve import load_engine, make_handler
 from loramix.train import train
 
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.e2e
+
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, cache_dir):
+def server(tmp_path_factory, cache_dir, tiny_run):
+    import shutil
     from http.server import ThreadingHTTPServer
 
     root = tmp_path_factory.mktemp("serve")
-    dirs = []
-    for name, seed in (("alpha", 0), ("beta", 1)):
-        cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}", f"train.seed={seed}"])
-        dirs.append(train(cfg, root / name, log=lambda *a: None).run_dir)
+    dirs = [Path(shutil.copytree(tiny_run.run_dir, root / "alpha"))]  # adapters are named by their dirs
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}", "train.seed=1"])
+    dirs.append(train(cfg, root / "beta", log=lambda *a: None).run_dir)
     # A tiny random model's greedy text hardly depends on a few steps of LoRA: make beta's adapter strong,
     # so that routing a request to the wrong adapter changes the text.
     from safetensors.torch import load_file, save_file
@@ -39,7 +43,7 @@ def server(tmp_path_factory, cache_dir):
     url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     expected = {}
     for d in dirs:
-        model, tok = load_for_generation(d, torch.device("cpu"))
+        model, tok = load_for_generation(d)
         for prompt in ("Once upon a time", "The market"):
             expected[d.name, prompt] = generate(model, tok, [prompt], Sampling(max_new_tokens=8))[0][0]
     yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0), url, expected

@@ -9,11 +9,14 @@ import yaml
 from loramix.cli import main
 from loramix.config import load_config
 from loramix.data.packing import Segment, collate
-from loramix.evaluate import evaluate, summarize, token_byte_lengths
-from loramix.model import attach_lora, load_base_model, load_tokenizer, token_nll
+from loramix.evaluate import Metrics, evaluate, token_byte_lengths
+from loramix.loss import token_nll
+from loramix.model import load_base_model, load_tokenizer
 from loramix.train import lr_at, train
 
-from conftest import REAL_DATA, ROOT
+from conftest import REAL_DATA, ROOT, TINY, tiny_lora_model
+
+pytestmark = pytest.mark.e2e
 
 
 def test_schedule_warmup_then_linear_decay():
@@ -23,11 +26,11 @@ def test_schedule_warmup_then_linear_decay():
 
 
 def test_metric_math():
-    m = summarize(nll=2 * math.log(2) * 10, tokens=10, nbytes=40)
-    assert m["loss"] == pytest.approx(2 * math.log(2))
-    assert m["ppl"] == pytest.approx(4.0)
-    assert m["bpt"] == pytest.approx(2.0)
-    assert m["bpb"] == pytest.approx(0.5)
+    m = Metrics.of(nll=2 * math.log(2) * 10, tokens=10, nbytes=40)
+    assert m.loss == pytest.approx(2 * math.log(2))
+    assert m.ppl == pytest.approx(4.0)
+    assert m.bpt == pytest.approx(2.0)
+    assert m.bpb == pytest.approx(0.5)
 
 
 def test_token_bytes_are_utf8_bytes():
@@ -40,9 +43,7 @@ def test_token_bytes_are_utf8_bytes():
 
 
 def _tiny_model(seed=0):
-    """Deterministic: eval mode switches off GPT-2's own dropout (gradients still flow)."""
-    cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "lora.dropout=0"])
-    return attach_lora(load_base_model(cfg.model, 64), cfg.lora, seed).eval()
+    return tiny_lora_model(64, seed, "lora.dropout=0")
 
 
 def _rows(lengths, seed=0):
@@ -71,9 +72,9 @@ def test_eval_loss_independent_of_batch_size():
     tb = token_byte_lengths(load_tokenizer(load_config(None).model))
     results = [evaluate(model, rows, ["a", "b", "c"], tb, "cpu", 50256, batch_size=bs) for bs in (1, 4, 6)]
     for r in results[1:]:
-        assert r["overall"]["loss"] == pytest.approx(results[0]["overall"]["loss"], rel=1e-6)
-        assert r["per_source"]["b"]["loss"] == pytest.approx(results[0]["per_source"]["b"]["loss"], rel=1e-6)
-    assert results[0]["overall"]["tokens"] == sum([29, 4, 11, 39, 6, 18])
+        assert r.overall.loss == pytest.approx(results[0].overall.loss, rel=1e-6)
+        assert r.per_source["b"].loss == pytest.approx(results[0].per_source["b"].loss, rel=1e-6)
+    assert results[0].overall.tokens == sum([29, 4, 11, 39, 6, 18])
 
 
 def test_token_nll_equals_full_logits_cross_entropy():
@@ -109,15 +110,6 @@ def test_fused_head_loss_and_gradient(chunk):
 
 
 # ------------------------------------------------------------------ end to end
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cache_dir):
-    from conftest import TINY
-
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
-    return train(cfg, run_dir, log=lambda *a: None)
 
 
 def test_run_dir_files_and_metric_rows(tiny_run):
@@ -175,12 +167,46 @@ def test_eval_command_reproduces_eval_json(tiny_run, tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
 
 
+def test_eval_applies_scoring_overrides_and_records_them(tiny_run, tmp_path):
+    """`eval RUN data.packing=false` scores one document per row: the same tokens and loss, and says so."""
+    out = tmp_path / "unpacked.json"
+    overrides = ["data.packing=false", "eval.batch_size=3", "eval.base_compare=false"]
+    assert main(["eval", str(tiny_run.run_dir), *overrides, "--out", str(out), "--quiet"]) == 0
+    unpacked, saved = json.loads(out.read_text()), json.loads((tiny_run.run_dir / "eval.json").read_text())
+    assert unpacked["overrides"] == overrides
+    assert unpacked["rows"] == unpacked["samples"] == saved["samples"] > saved["rows"]  # one document per row
+    assert unpacked["batch_size"] == 3 and "forgetting" in saved and "forgetting" not in unpacked
+    assert unpacked["overall"]["tokens"] == saved["overall"]["tokens"]
+    assert unpacked["overall"]["loss"] == pytest.approx(saved["overall"]["loss"], rel=1e-4)
+
+
+def test_eval_refuses_overrides_of_what_was_trained(tiny_run, capsys):
+    assert main(["eval", str(tiny_run.run_dir), "data.seq_len=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.seq_len=32 would change what the run trained on, so eval cannot apply it" in err and "\n" not in err
+
+
+def test_eval_scores_an_adapter_on_a_random_init_base(tiny_run, tmp_path, cache_dir):
+    """A PEFT adapter dir whose base is a size-overridden random init: the model.* overrides build that base
+    (they used to be replaced by the adapter's base name alone, which loaded pretrained gpt2)."""
+    import shutil
+
+    adapter = shutil.copytree(tiny_run.run_dir / "adapter", tmp_path / "adapter")
+    meta = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**meta, "base_model_name_or_path": "gpt2"}))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(adapter), "-c", str(ROOT / "configs" / "demo.yaml"), *TINY, f"data.cache_dir={cache_dir}",
+                 "--out", str(out), "--quiet"]) == 0
+    scored = json.loads(out.read_text())
+    assert scored["overall"]["tokens"] == tiny_run.eval.overall.tokens
+    assert scored["overall"]["loss"] == pytest.approx(tiny_run.eval.overall.loss, rel=1e-5)
+
+
 def test_same_config_same_result(tiny_run, tmp_path, cache_dir):
-    from conftest import TINY
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
     again = train(cfg, tmp_path / "again", log=lambda *a: None)
-    assert again.eval["overall"]["loss"] == tiny_run.eval["overall"]["loss"]
+    assert again.eval.overall.loss == tiny_run.eval.overall.loss
 
 
 def test_seed_dry_run_plan(capsys, cache_dir):
@@ -211,7 +237,7 @@ def test_max_steps_caps_the_plan(capsys, cache_dir):
 
 
 def test_default_run_dir_never_reuses_a_run(tmp_path):
-    from loramix.rundir import default_run_dir
+    from loramix.artifacts import default_run_dir
 
     assert default_run_dir("demo", tmp_path) == tmp_path / "demo"
     (tmp_path / "demo").mkdir()

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loramix.errors import LoramixError
+from loramix.files import replacing, stale_siblings
 
 _FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 
@@ -80,29 +81,19 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, 
     """
     root = checkpoints_dir(run_dir)
     final = root / f"step-{state.step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({f"{k}_{rank}": v for rank, st in enumerate(rng_states) for k, v in st.items()}, tmp / "rng.safetensors")
-        extra = {"scaler": scaler.state_dict(), "python_rng": _py_rng(), "numpy_rng": _np_rng(), "world_size": len(rng_states), **fingerprints}
-        (tmp / "state.json").write_text(json.dumps({**asdict(state), **extra}, indent=1))
-        crash_point(f"checkpoint-{state.step}-partial")
-        sums = {f: _sha256(tmp / f) for f in _FILES}
-        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-        for f in (*_FILES, "checksums.json"):
-            _fsync(tmp / f)
-        _fsync(tmp)
-        if final.exists():  # the same step saved again after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
+        with replacing(final) as tmp:  # the same step saved again after a resume is replaced whole
+            tmp.mkdir()
+            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({f"{k}_{rank}": v for rank, st in enumerate(rng_states) for k, v in st.items()}, tmp / "rng.safetensors")
+            extra = {"scaler": scaler.state_dict(), "python_rng": _py_rng(), "numpy_rng": _np_rng(), "world_size": len(rng_states), **fingerprints}
+            (tmp / "state.json").write_text(json.dumps({**asdict(state), **extra}, indent=1))
+            crash_point(f"checkpoint-{state.step}-partial")
+            (tmp / "checksums.json").write_text(json.dumps({f: _sha256(tmp / f) for f in _FILES}, indent=1))
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_names(run_dir)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise LoramixError(f"cannot write checkpoint {final} ({getattr(e, 'strerror', None) or e}); free disk space or fix permissions, then resume with --resume; {kept}") from e
@@ -141,7 +132,7 @@ def find_resumable(run_dir: Path, log=print) -> Path | None:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return None
-    for stale in root.glob(".tmp-*"):  # a save that was killed before its rename
+    for stale in stale_siblings(root):  # a save that was killed before its rename
         shutil.rmtree(stale, ignore_errors=True)
     for name in reversed(latest_names(run_dir)):
         problem = verify(root / name)
@@ -231,10 +222,3 @@ def _sha256(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,4 +1,5 @@
-"""`loramix` command line: parse arguments, dispatch, and turn user mistakes into one-line errors."""
+"""`loramix` command line: parse arguments, call the command (commands.py), print its result, and turn
+user mistakes into one-line errors."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="recompute a run's validation metrics from its adapter (or score a PEFT adapter dir)")
     # One positional list (the dir, then overrides): argparse cannot split two positionals around -c.
     e.add_argument("target", nargs="+", metavar="DIR [key=value ...]",
-                   help="a run dir; or a stock PEFT adapter dir followed by overrides of the -c preset whose data to score")
+                   help="a run dir, then overrides of how it is scored (data.packing, data.cache_dir, eval.*, train.device, "
+                        "train.precision, train.compile); or a stock PEFT adapter dir, then overrides of the -c preset whose data to score")
     e.add_argument("-c", "--config", help="for a PEFT adapter dir: the preset whose data to score")
     e.add_argument("--out", type=Path, help="also write the metrics as JSON to this file")
 
@@ -35,19 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights dtype of the merged model")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
-    g = sub.add_parser("generate", help="sample text from a run, a PEFT adapter or a model dir")
-    g.add_argument("source", type=Path, help="a run dir, a stock PEFT adapter dir, or a (merged) model dir")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt; its completion streams as it is generated")
-    src.add_argument("--prompts-file", type=Path, help="one prompt per line, generated as a batch ('-': stdin)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0: off")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    _generate_args(sub.add_parser("generate", help="sample text from a run, a PEFT adapter or a model dir"))
 
     v = sub.add_parser("serve", help="OpenAI-compatible /v1/completions over one base and several adapters")
     v.add_argument("sources", type=Path, nargs="+", help="run dirs or PEFT adapter dirs of one base (named by their dir), or one model dir")
@@ -65,10 +55,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.add_argument("--keys", action="store_true", help="list every key, its default and what it does")
 
-    for s in (t, e, m, g, v, r, c):
+    for s in sub.choices.values():
         s.add_argument("--debug", action="store_true", help="show tracebacks")
         s.add_argument("--quiet", action="store_true", help="print only errors and final results")
     return p
+
+
+def _generate_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("source", type=Path, help="a run dir, a stock PEFT adapter dir, or a (merged) model dir")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; its completion streams as it is generated")
+    src.add_argument("--prompts-file", type=Path, help="one prompt per line, generated as a batch ('-': stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,73 +107,54 @@ def _dispatch(args) -> int:
     if args.command == "config":
         if args.keys:
             print(keys_markdown())
-            return 0
-        print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+        else:
+            print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
         return 0
     _quiet_libraries()
-    if args.command == "train":
-        from loramix.rundir import default_run_dir
-        from loramix.train import train
+    from loramix import commands
 
-        cfg = load_config(args.config, args.overrides + (["train.resume=auto"] if args.resume else []))
-        log("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
-        # Resuming means this name's run dir itself; a fresh run never lands in a taken one.
-        run_dir = args.run_dir or (Path("runs") / cfg.name if cfg.train.resume == "auto" else default_run_dir(cfg.name))
-        result = train(cfg, run_dir, dry_run=args.dry_run, overwrite=args.overwrite, log=log, progress=not args.quiet)
+    if args.command == "train":
+        result = commands.train_run(args.config, args.overrides, args.run_dir, args.dry_run, args.overwrite, args.resume, log, not args.quiet)
         if result.run_dir and main_process:
             print(f"run dir: {result.run_dir}  (loramix eval {result.run_dir})")
-        return 0
-    if args.command == "eval":
-        import json
-
-        from loramix.evaluate import evaluate_run, format_table
-
-        source, overrides = Path(args.target[0]), args.target[1:]
-        cfg = load_config(args.config, overrides) if args.config or overrides else None
-        metrics = evaluate_run(source, log, progress=not args.quiet and sys.stderr.isatty(), cfg=cfg)
-        if not main_process:
-            return 0
-        print(format_table(metrics))
-        if args.out:
-            args.out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        return 0
-    if args.command == "merge":
+    elif args.command == "eval":
+        _eval(args, log, main_process)
+    elif args.command == "merge":
         from loramix.export import merge
 
         out = merge(args.source, args.out, args.dtype, args.overwrite)
         print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-        return 0
-    if args.command == "generate":
-        return _generate(args)
-    if args.command == "serve":
-
-        from loramix.serve import serve
-
-        device = _device(args.device)
-        serve(args.sources, args.host, args.port, args.max_tokens, device, log=print)
-        return 0
-    if args.command == "report":
+    elif args.command == "generate":
+        _generate(args)
+    elif args.command == "serve":
+        commands.serve_sources(args.sources, args.host, args.port, args.max_tokens, args.device, log=print)
+    elif args.command == "report":
         from loramix.report import build_report
 
         md, page = build_report(args.run_dirs, args.out)
         print(f"wrote {md} and {page}")
-        return 0
-    raise AssertionError(args.command)
+    return 0
 
 
-def _device(name: str):
-    """'auto': the GPU when there is one, else the CPU; otherwise the device named."""
-    import torch
+def _eval(args, log, main_process: bool) -> None:
+    from loramix.commands import evaluate_source
+    from loramix.evaluate import format_table
+    from loramix.files import write_json
 
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    source, overrides = Path(args.target[0]), args.target[1:]
+    result = evaluate_source(source, args.config, overrides, log, progress=not args.quiet and sys.stderr.isatty())
+    if main_process:
+        print(format_table(result))
+        if args.out:
+            write_json(args.out, result.to_dict())
 
 
-def _generate(args) -> int:
-
-    from loramix.generate import Sampling, generate, load_for_generation
+def _generate(args) -> None:
+    from loramix.commands import generate_text
+    from loramix.generate import Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, tuple(args.stop))
-    sampling.check()  # before the model loads
+    sampling.check()  # before reading stdin
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
@@ -178,17 +164,14 @@ def _generate(args) -> int:
         prompts = [line for line in text.splitlines() if line.strip()]
         if not prompts:
             raise LoramixError("no prompts: the file or stdin holds no non-empty line")
-    device = _device(args.device)
-    model, tokenizer = load_for_generation(args.source, device)
     streaming = len(prompts) == 1 and not args.quiet
-    texts, rate = generate(model, tokenizer, prompts, sampling, stream=(lambda t: print(t, end="", flush=True)) if streaming else None)
+    texts, rate = generate_text(args.source, prompts, sampling, args.device, stream=(lambda t: print(t, end="", flush=True)) if streaming else None)
     if streaming:
         print()
     else:
         for prompt, text in zip(prompts, texts):
             print(f"{prompt}{text}\n---" if len(prompts) > 1 else text)
     print(f"[{rate:.1f} tokens/s]", file=sys.stderr)
-    return 0
 
 
 def _quiet_libraries() -> None:

@@ -1,4 +1,4 @@
-"""One typed config tree: YAML preset + dotted `key=value` overrides, validated at load.
+"""One typed config tree: YAML preset + dotted `key=value` overrides, validated at load by pydantic.
 
 Every field carries a one-line doc (`loramix config --keys` prints them). Validation collects every
 problem and raises once, naming the key, the bad value and what is allowed.
@@ -6,110 +6,182 @@ problem and raises once, naming the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, WrapValidator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
-from loramix.data.sources import BUILTIN_SOURCES
 from loramix.errors import LoramixError
 
+# The seed's eight datasets, the defaults a source of that name starts from; templates use their own field names.
+BUILTIN_SOURCES: dict[str, dict] = {
+    "wikitext": {"hub_id": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "template": "{text}"},
+    "tinystories": {"hub_id": "roneneldan/TinyStories", "template": "{text}"},
+    "ag_news": {"hub_id": "ag_news", "template": "{text}"},
+    "yelp_review_full": {"hub_id": "yelp_review_full", "template": "{text}"},
+    "cnn_dailymail": {"hub_id": "cnn_dailymail", "subset": "3.0.0", "template": "{article}\n\nSummary: {highlights}"},
+    "xsum": {"hub_id": "xsum", "template": "{document}\n\nSummary: {summary}"},
+    "squad": {"hub_id": "squad", "template": "{context}\n\nQuestion: {question}\nAnswer: {answers[text][0]}"},
+    "imdb": {"hub_id": "imdb", "template": "{text}"},
+}
 
-def F(default: Any = dataclasses.MISSING, doc: str = "", check: str | None = None, factory=None):
-    """A config field with its doc and an optional check ('pos' > 0, 'nonneg' >= 0, 'share' in (0, 1))."""
-    meta = {"doc": doc, "check": check}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+# Numbers in YAML may land in string fields (`subset: 3.0`); unknown keys are typos, so they fail.
+_section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
 
 
-@dataclass
+def _rule(ok, why: str):
+    """A check that passes values `ok` accepts and otherwise fails with `why` (the message after key=value)."""
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(why)
+        return value
+    return check
+
+
+# Numbers, but not YAML's yes/no/on/off/true/false, which pydantic would take for 1 and 0.
+_NOT_BOOL = BeforeValidator(_rule(lambda v: not isinstance(v, bool), "must be a number, not true/false"))
+Int = Annotated[int, _NOT_BOOL]
+Float = Annotated[float, _NOT_BOOL]
+T = TypeVar("T")
+Positive = Annotated[T, Field(gt=0)]
+NonNegative = Annotated[T, Field(ge=0)]
+Share = Annotated[Float, Field(gt=0, lt=1)]
+Unit = Annotated[Float, Field(ge=0, lt=1)]
+
+
+def _bool_as_word(value: Any, handler) -> Any:
+    """YAML 1.1 reads on/off/yes/no as booleans: give a word-valued field back the word (`compile: on`)."""
+    if isinstance(value, bool):
+        for word in ("on", "yes", "true") if value else ("off", "no", "false"):
+            with contextlib.suppress(ValidationError):
+                return handler(word)
+    return handler(value)
+
+
+Choice = Annotated[T, WrapValidator(_bool_as_word)]
+# `lora.targets=c_attn` means the one-name list.
+Names = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # also what `generate --device` and `serve --device` take
+Device = Annotated[str, AfterValidator(_rule(DEVICES.fullmatch, "is not a device (choose one of: auto, cpu, cuda, cuda:N, mps)"))]
+
+
+def F(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING):
+    """A config field with its one-line doc (pydantic's description, which `describe_keys` prints)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"description": doc})
+
+
+@_section
 class ModelConfig:
     name: str = F("gpt2", "base model: a Hugging Face Hub id or a local model directory")
-    init: Literal["pretrained", "random"] = F("pretrained", "'pretrained' loads weights; 'random' builds the same architecture with seeded random weights")
-    n_layer: int | None = F(None, "override the number of layers (random init only)", "pos")
-    n_embd: int | None = F(None, "override the hidden width (random init only)", "pos")
-    n_head: int | None = F(None, "override the number of attention heads (random init only)", "pos")
-    seed: int = F(0, "seed for random init, so `eval`/`merge` rebuild the same base")
-    dropout: float | None = F(None, "the base model's own dropout (GPT-2: 0.1 on embeddings, attention, residuals); null keeps it", "unit")
-    attention: Literal["sdpa", "flash_attention_2"] = F("sdpa", "'sdpa': block-diagonal mask for packed rows (any device); 'flash_attention_2': varlen kernels on CUDA (needs flash-attn)")
+    init: Choice[Literal["pretrained", "random"]] = F("pretrained", "'pretrained' loads weights; 'random' builds the same architecture with seeded random weights")
+    n_layer: Positive[Int] | None = F(None, "override the number of layers (random init only)")
+    n_embd: Positive[Int] | None = F(None, "override the hidden width (random init only)")
+    n_head: Positive[Int] | None = F(None, "override the number of attention heads (random init only)")
+    seed: Int = F(0, "seed for random init, so `eval`/`merge` rebuild the same base")
+    dropout: Unit | None = F(None, "the base model's own dropout (GPT-2: 0.1 on embeddings, attention, residuals); null keeps it")
+    attention: Choice[Literal["sdpa", "flash_attention_2"]] = F("sdpa", "'sdpa': block-diagonal mask for packed rows (any device); 'flash_attention_2': varlen kernels on CUDA (needs flash-attn)")
 
 
-@dataclass
+@_section
 class LoraConfig:
-    r: int = F(8, "LoRA rank", "pos")
-    alpha: float = F(16.0, "LoRA alpha (scale = alpha / r)", "pos")
-    dropout: float = F(0.1, "dropout on the LoRA input, in [0, 1)", "unit")
-    targets: list[str] = F(doc="module names to adapt ('c_proj' hits both attention and MLP projections)", factory=lambda: ["c_attn", "c_proj"])
-    bias: Literal["none", "all", "lora_only"] = F("none", "which biases train")
+    r: Positive[Int] = F(8, "LoRA rank")
+    alpha: Positive[Float] = F(16.0, "LoRA alpha (scale = alpha / r)")
+    dropout: Unit = F(0.1, "dropout on the LoRA input, in [0, 1)")
+    targets: Names = F(doc="module names to adapt ('c_proj' hits both attention and MLP projections)", factory=lambda: ["c_attn", "c_proj"])
+    bias: Choice[Literal["none", "all", "lora_only"]] = F("none", "which biases train")
 
 
-@dataclass
+@_section
 class SourceConfig:
     hub_id: str | None = F(None, "Hugging Face dataset id (None: `path` must be set)")
     subset: str | None = F(None, "dataset config name, e.g. 'wikitext-103-raw-v1'")
     split: str = F("train", "split to read")
     template: str = F("{text}", "Python format string over the row's fields: '{article}\\n\\nSummary: {highlights}'")
     path: str | None = F(None, "local file instead of the Hub (.jsonl, .json, .csv, .parquet, .txt)")
-    cap: int | None = F(None, "max examples from this source (default: data.cap)", "pos")
-    weight: float = F(1.0, "training share multiplier: 2.0 repeats the source's training examples twice", "pos")
+    cap: Positive[Int] | None = F(None, "max examples from this source (default: data.cap)")
+    weight: Positive[Float] = F(1.0, "training share multiplier: 2.0 repeats the source's training examples twice")
 
 
-@dataclass
+def _sources(value: Any, handler) -> dict[str, SourceConfig]:
+    """`[squad, imdb]` -> mapping; a known name starts from its registry entry, others need a hub_id or a path."""
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        value = dict.fromkeys(value)
+    if isinstance(value, dict):
+        value = {name: {**BUILTIN_SOURCES.get(name, {}), **(spec or {})} if isinstance(spec, dict | None) else spec
+                 for name, spec in value.items()}
+    sources = handler(value)
+    unknown = [n for n, s in sources.items() if n not in BUILTIN_SOURCES and s.hub_id is None and s.path is None]
+    if unknown:
+        raise PydanticCustomError("unknown_source", "unknown source", {"names": unknown})
+    return sources
+
+
+Sources = Annotated[dict[str, SourceConfig], WrapValidator(_sources)]
+
+
+@_section
 class DataConfig:
-    sources: dict[str, SourceConfig] = F(doc="named sources; a known name (wikitext, squad, ...) fills its own defaults", check="nonempty", factory=lambda: {n: SourceConfig(**d) for n, d in BUILTIN_SOURCES.items()})
+    sources: Annotated[Sources, Field(min_length=1)] = F(doc="named sources; a known name (wikitext, squad, ...) fills its own defaults", factory=lambda: {n: SourceConfig(**d) for n, d in BUILTIN_SOURCES.items()})
     local_dir: str | None = F(None, "folder of <source>.jsonl files in the original schemas, used for every source ('@demo': generated demo data)")
-    cap: int | None = F(10000, "max examples per source (a source's own cap wins)", "pos")
-    val_share: float = F(0.15, "share of each source held out for validation, in (0, 1)", "share")
-    seq_len: int = F(512, "tokens per sequence", "pos")
-    long_docs: Literal["truncate", "split"] = F("truncate", "documents longer than seq_len: keep the head, or split into several sequences")
+    cap: Positive[Int] | None = F(10000, "max examples per source (a source's own cap wins)")
+    val_share: Share = F(0.15, "share of each source held out for validation, in (0, 1)")
+    seq_len: Positive[Int] = F(512, "tokens per sequence")
+    long_docs: Choice[Literal["truncate", "split"]] = F("truncate", "documents longer than seq_len: keep the head, or split into several sequences")
     packing: bool = F(True, "pack several documents per row (each attends only to itself, positions restart); false pads one per row")
-    pack_window: int = F(2048, "documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)", "pos")
-    seed: int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
+    pack_window: Positive[Int] = F(2048, "documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)")
+    seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
     cache_dir: str = F("~/.cache/loramix", "where tokenized data and generated demo data are cached")
 
+    def cap_for(self, spec: SourceConfig) -> int | None:
+        """The cap a source is sampled to: its own, else the mixture-wide data.cap."""
+        return spec.cap if spec.cap is not None else self.cap
 
-@dataclass
+
+@_section
 class TrainConfig:
-    epochs: int = F(3, "passes over the training split", "pos")
-    max_steps: int | None = F(None, "stop after this many optimizer steps", "pos")
-    micro_batch: int = F(4, "rows (of seq_len tokens) per forward pass", "pos")
-    grad_accum: int = F(8, "micro-batches per optimizer step; the step's size is micro_batch x grad_accum in train.batch_unit", "pos")
-    batch_unit: Literal["docs", "rows"] = F("docs", "'docs': micro_batch x grad_accum documents per step on average, in packed rows (the seed's step count and schedule); 'rows': that many packed rows (a fixed token budget per step)")
-    lr: float = F(3e-4, "peak AdamW learning rate", "pos")
-    weight_decay: float = F(0.01, "AdamW weight decay", "nonneg")
-    warmup_steps: int = F(100, "linear warmup steps before linear decay to 0", "nonneg")
-    clip: float = F(1.0, "max gradient norm (0 disables clipping)", "nonneg")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = F("auto", "'auto': bf16 where the GPU has it, else fp16 with a grad scaler on CUDA, fp32 on CPU")
-    eval_every: int | None = F(None, "validate every N optimizer steps (always at the end)", "pos")
-    log_every: int = F(10, "log the training loss every N optimizer steps", "pos")
-    seed: int = F(0, "seed for data order, dropout and LoRA init")
-    resume: Literal["never", "auto"] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it")
-    nonfinite_patience: int = F(20, "stop after this many consecutive steps with non-finite loss or gradients (each one is skipped)", "pos")
-    compile: Literal["auto", "on", "off"] = F("auto", "torch.compile the transformer body: 'auto' = on CUDA only (see benchmarks/RESULTS.md for CPU)")
-    device: str = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    epochs: Positive[Int] = F(3, "passes over the training split")
+    max_steps: Positive[Int] | None = F(None, "stop after this many optimizer steps")
+    micro_batch: Positive[Int] = F(4, "rows (of seq_len tokens) per forward pass")
+    grad_accum: Positive[Int] = F(8, "micro-batches per optimizer step; the step's size is micro_batch x grad_accum in train.batch_unit")
+    batch_unit: Choice[Literal["docs", "rows"]] = F("docs", "'docs': micro_batch x grad_accum documents per step on average, in packed rows (the seed's step count and schedule); 'rows': that many packed rows (a fixed token budget per step)")
+    lr: Positive[Float] = F(3e-4, "peak AdamW learning rate")
+    weight_decay: NonNegative[Float] = F(0.01, "AdamW weight decay")
+    warmup_steps: NonNegative[Int] = F(100, "linear warmup steps before linear decay to 0")
+    clip: NonNegative[Float] = F(1.0, "max gradient norm (0 disables clipping)")
+    precision: Choice[Literal["auto", "fp32", "fp16", "bf16"]] = F("auto", "'auto': bf16 where the GPU has it, else fp16 with a grad scaler on CUDA, fp32 on CPU")
+    eval_every: Positive[Int] | None = F(None, "validate every N optimizer steps (always at the end)")
+    log_every: Positive[Int] = F(10, "log the training loss every N optimizer steps")
+    seed: Int = F(0, "seed for data order, dropout and LoRA init")
+    resume: Choice[Literal["never", "auto"]] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it")
+    nonfinite_patience: Positive[Int] = F(20, "stop after this many consecutive steps with non-finite loss or gradients (each one is skipped)")
+    compile: Choice[Literal["auto", "on", "off"]] = F("auto", "torch.compile the transformer body: 'auto' = on CUDA only (see benchmarks/RESULTS.md for CPU)")
+    device: Device = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 
 
-@dataclass
+@_section
 class CheckpointConfig:
-    every: int | None = F(200, "write a checkpoint every N optimizer steps (always at the end too; null: only at the end)", "pos")
-    keep: int = F(2, "newest checkpoints kept, besides the best by validation loss", "pos")
+    every: Positive[Int] | None = F(200, "write a checkpoint every N optimizer steps (always at the end too; null: only at the end)")
+    keep: Positive[Int] = F(2, "newest checkpoints kept, besides the best by validation loss")
 
 
-@dataclass
+@_section
 class EvalConfig:
-    batch_size: int | None = F(None, "rows per evaluation forward pass (default: 8 on CPU; on a GPU the largest that fits, from 128 down)", "pos")
+    batch_size: Positive[Int] | None = F(None, "rows per evaluation forward pass (default: 8 on CPU; on a GPU the largest that fits, from 128 down)")
     base_compare: bool = F(False, "at the end, also score the base model (adapter disabled) and report base vs tuned loss per source")
-    forgetting_sources: dict[str, SourceConfig] = F(doc="held-out sources never trained on, scored at the end by the base and the tuned model, e.g. {wikitext: {cap: 500}}", factory=dict)
+    forgetting_sources: Sources = F(doc="held-out sources never trained on, scored at the end by the base and the tuned model, e.g. {wikitext: {cap: 500}}", factory=dict)
 
 
-@dataclass
+@_section
 class TrackConfig:
     tensorboard: bool = F(True, "write TensorBoard event files to <run dir>/tensorboard")
     wandb: bool = F(False, "log to Weights & Biases (needs `wandb` installed and logged in)")
@@ -117,7 +189,7 @@ class TrackConfig:
     project: str = F("loramix", "W&B project / MLflow experiment name")
 
 
-@dataclass
+@_section
 class Config:
     name: str = F("run", "run name; the default run dir is runs/<name>")
     model: ModelConfig = F(doc="base model", factory=ModelConfig)
@@ -157,10 +229,7 @@ def config_diff(a: Config, b: Config, world_a: int = 1, world_b: int = 1) -> lis
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
 
 
@@ -181,7 +250,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise LoramixError(f"config file {path} is not valid YAML ({_first_line(e)}); fix the file") from e
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise LoramixError(f"config file {path} is not valid YAML ({first}); fix the file") from e
         if not isinstance(raw, dict):
             raise LoramixError(f"config file {path} must hold a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
@@ -189,177 +259,128 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(raw, what="config")
 
 
-def config_from_dict(raw: dict, what: str = "saved config") -> Config:
+def config_from_dict(raw: Any, what: str = "saved config") -> Config:
     """Validate a raw tree (a preset with overrides, or a run dir's config.yaml) into a Config."""
-    errors: list[str] = []
-    cfg = _build(Config, raw, "", errors)
-    for name in set(cfg.eval.forgetting_sources) & set(cfg.data.sources):
-        errors.append(f"eval.forgetting_sources.{name} is also a training source; a forgetting check needs sources the adapter never saw")
-    if errors:
-        raise LoramixError(f"bad {what}: " + "; ".join(errors))
+    try:
+        cfg = TypeAdapter(Config).validate_python(raw)
+    except ValidationError as e:
+        raise LoramixError(f"bad {what}: " + "; ".join(_message(err) for err in e.errors())) from e
+    # Checks across sections run once every field is valid.
+    overlap = [f"eval.forgetting_sources.{n} is also a training source; a forgetting check needs sources the adapter never saw"
+               for n in cfg.eval.forgetting_sources if n in cfg.data.sources]
+    if overlap:
+        raise LoramixError(f"bad {what}: " + "; ".join(overlap))
     return cfg
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-class _Override(typing.NamedTuple):
-    """A command-line value: its text for string fields (a template like '{body}' is not YAML), parsed otherwise."""
-
-    text: str
-    value: Any
 
 
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise LoramixError(f"override '{item}' is not key=value; write e.g. lora.r=16")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
-        if isinstance(child, _Override):
-            child = child.value
-        if isinstance(child, list):  # `sources: [a, b]` shorthand: expand so a.b.c can reach into it
-            child = {name: {} for name in child}
+        if isinstance(child, list) and all(isinstance(name, str) for name in child):
+            child = dict.fromkeys(child)  # `sources: [a, b]` shorthand: expand so a.b.c can reach into it
         if child is None:
             child = {}
         if not isinstance(child, dict):
             raise LoramixError(f"override '{item}': '{part}' is a value, not a section")
         node[part] = child
         node = child
-    node[parts[-1]] = _Override(text, value)
+    node[parts[-1]] = _override_value(parts, text)
 
 
-def _build(cls, raw: Any, prefix: str, errors: list[str]):
-    if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-        raw = {}
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            errors.append(f"unknown key '{prefix}{key}' (allowed under {prefix or 'top level'}: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
-        kwargs[f.name] = _convert(hints[f.name], raw[f.name], prefix + f.name, errors, f.metadata.get("check"))
+def _override_value(parts: list[str], text: str) -> Any:
+    """YAML for most fields; a string field takes the text as typed (a template like '{body}' is not YAML)."""
     try:
-        return cls(**kwargs)
-    except TypeError as e:  # only reachable when a converted value was rejected above
-        errors.append(str(e))
-        return cls()
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+    return text if value is not None and _declared(parts)[0] is str else value
 
 
-_CHECKS = {
-    "pos": (lambda v: v > 0, "must be > 0"),
-    "nonneg": (lambda v: v >= 0, "must be >= 0"),
-    "share": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 0.15"),
-    "unit": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+def _declared(loc) -> tuple[Any, list]:
+    """(bare type, constraints) at a key path, through sections, maps and lists; (None, []) if none."""
+    tp: Any = Config
+    for part in loc:
+        tp = _unwrap(tp)[0]
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp, include_extras=True).get(part)
+        elif typing.get_origin(tp) in (dict, list):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None, []
+    return _unwrap(tp)
+
+
+def _unwrap(tp, meta: tuple = ()) -> tuple[Any, list]:
+    """(bare type, Annotated metadata): `Positive[int] | None` -> (int, [FieldInfo(gt=0)])."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _unwrap(next(a for a in typing.get_args(tp) if a is not type(None)), meta)
+    if typing.get_origin(tp) is Annotated:
+        return _unwrap(typing.get_args(tp)[0], meta + typing.get_args(tp)[1:])
+    return tp, list(meta)
+
+
+# pydantic error type -> what the value must be
+_MUST = {
+    **dict.fromkeys(["int_type", "int_parsing", "int_from_float"], "must be an integer"),
+    **dict.fromkeys(["float_type", "float_parsing"], "must be a number"),
+    **dict.fromkeys(["bool_type", "bool_parsing"], "must be true or false"),
+    "string_type": "must be a string", "list_type": "must be a list of names, e.g. [c_attn, c_proj]",
+    "dict_type": "must be a list of names or a mapping of name: fields", "dataclass_type": "must be a mapping of keys",
+    "too_short": "must name at least one entry",
 }
 
 
-def _convert(tp, value, key: str, errors: list[str], check: str | None = None):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if (value.value if isinstance(value, _Override) else value) is None and type(None) in args:
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _convert(tp, value, key, errors, check)
-    if isinstance(value, _Override):
-        value = value.text if tp is str else value.value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", errors)
-    if origin is Literal:
-        if value not in args:
-            errors.append(f"{key}={value!r} is not allowed (choose one of: {', '.join(map(str, args))})")
-            return args[0]
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            errors.append(f"{key}={value!r} must be a list of names, e.g. [c_attn, c_proj]")
-            return []
-        return value
-    if origin is dict:  # data.sources: name -> SourceConfig, known names filled from the registry
-        if isinstance(value, list):
-            value = {name: {} for name in value}
-        if not isinstance(value, dict) or (not value and check == "nonempty"):
-            errors.append(f"{key} must name at least one source, e.g. [wikitext, squad]")
-            return {}
-        out = {}
-        for name, spec in value.items():
-            spec = {} if spec is None else spec
-            if not isinstance(spec, dict):
-                errors.append(f"{key}.{name}: expected a mapping of source fields, got {spec!r}")
-                continue
-            if name not in BUILTIN_SOURCES and "hub_id" not in spec and "path" not in spec:
-                errors.append(f"{key}.{name}: unknown source; give it a hub_id or a path, or use a known name ({', '.join(BUILTIN_SOURCES)})")
-            out[str(name)] = _build(args[1], {**BUILTIN_SOURCES.get(name, {}), **spec}, f"{key}.{name}.", errors)
-        return out
-    value = _scalar(tp, value, key, errors)
-    if check and value is not None and isinstance(value, (int, float)):
-        ok, why = _CHECKS[check]
-        if not ok(value):
-            errors.append(f"{key}={value!r} {why}")
-    return value
+def _message(err: dict) -> str:
+    """One pydantic error as 'key=value what is allowed'."""
+    loc, kind, ctx, value = err["loc"], err["type"], err.get("ctx", {}), err["input"]
+    key = ".".join(map(str, loc)) or "config"
+    bare, meta = _declared(loc)
+    if kind in _MUST:
+        return f"{key}={value!r} {_MUST[kind]}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        with contextlib.suppress(TypeError, ValueError):
+            value = bare(value)  # as the field holds it: lr=0 is 0.0, '3e-4' a float
+        return f"{key}={value!r} {_range_text(meta)}"
+    if kind == "literal_error":
+        return f"{key}={value!r} is not allowed (choose one of: {', '.join(typing.get_args(bare))})"
+    if kind == "unexpected_keyword_argument":
+        section = "".join(f"{p}." for p in loc[:-1]) or "top level"
+        names = sorted(f.name for f in dataclasses.fields(_declared(loc[:-1])[0]))
+        return f"unknown key '{key}' (allowed under {section}: {', '.join(names)})"
+    if kind == "unknown_source":
+        known = ", ".join(BUILTIN_SOURCES)
+        return "; ".join(f"{key}.{n}: unknown source; give it a hub_id or a path, or use a known name ({known})" for n in ctx["names"])
+    return f"{key}={value!r} {ctx.get('error') or err['msg']}"  # a ValueError from our checks ends the line
 
 
-def _scalar(tp, value, key: str, errors: list[str]):
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        errors.append(f"{key}={value!r} must be true or false")
-        return False
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        errors.append(f"{key}={value!r} must be an integer")
-        return 0
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        errors.append(f"{key}={value!r} must be a number")
-        return 0.0
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        errors.append(f"{key}={value!r} must be a string")
-        return ""
-    raise TypeError(f"unsupported config type {tp} for {key}")
+def _range_text(meta: list) -> str:
+    """'must be > 0', 'must be in [0, 1)', ... from a field's Field(gt=..., ge=..., lt=...) bounds."""
+    bounds = {k: v for info in meta for c in getattr(info, "metadata", ()) for k, v in dataclasses.asdict(c).items()}
+    low = "gt" if "gt" in bounds else "ge"
+    if "lt" in bounds:
+        return f"must be in {'(' if low == 'gt' else '['}{bounds[low]}, {bounds['lt']})"
+    return f"must be {'>' if low == 'gt' else '>='} {bounds[low]}"
 
 
 def describe_keys(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, doc) for every field, for `loramix config --keys` and the README reference."""
-    rows = []
-    default_obj = cls()
-    hints = typing.get_type_hints(cls)
+    rows, default_obj, hints = [], cls(), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        value = getattr(default_obj, f.name)
+        value, doc = getattr(default_obj, f.name), f.metadata["description"]
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe_keys(hints[f.name], prefix + f.name + ".")
         elif f.name == "sources":
-            rows.append((prefix + f.name, "[" + ", ".join(value) + "]", f.metadata["doc"]))
+            rows.append((prefix + f.name, "[" + ", ".join(value) + "]", doc))
             rows += describe_keys(SourceConfig, prefix + "sources.<name>.")
         elif f.name == "forgetting_sources":
-            rows.append((prefix + f.name, "{}", f.metadata["doc"] + " (same fields as data.sources.<name>)"))
+            rows.append((prefix + f.name, "{}", doc + " (same fields as data.sources.<name>)"))
         else:
-            rows.append((prefix + f.name, json.dumps(value), f.metadata["doc"]))
+            rows.append((prefix + f.name, json.dumps(value), doc))
     return rows
 
 

@@ -1,29 +1,27 @@
 """Validation metrics in one pass: token-weighted loss, perplexity, bits per token and per byte,
-overall and per source, with throughput.
+overall and per source, with throughput; and the forgetting check (base vs tuned model).
 
 loss = sum of NLL over all target tokens / number of target tokens, so it does not depend on batch
 size, padding or packing. bits per byte = total NLL in bits / UTF-8 bytes of the scored tokens, which
-compares across tokenizers.
+compares across tokenizers. Results are typed (`EvalResult`); `to_dict` gives eval.json's layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from loramix.data.packing import IGNORE, Row, collate
 from loramix.errors import LoramixError
-from loramix import rundir
-from loramix.export import load_run_adapter
-from loramix.config import Config, ModelConfig
-from loramix.model import load_adapter, token_nll
-from loramix.runtime import Dist, autocast_for, compile_body, init_distributed, resolve_device, setup
+from loramix.loss import token_nll
+from loramix.runtime import Dist
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -44,20 +42,76 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return lengths
 
 
-def summarize(nll: float, tokens: int, nbytes: int) -> dict:
-    loss = nll / tokens if tokens else float("nan")
-    return {
-        "loss": loss,
-        "ppl": math.exp(loss) if tokens else float("nan"),
-        "bpt": loss / math.log(2),
-        "bpb": nll / math.log(2) / nbytes if nbytes else float("nan"),
-        "tokens": tokens,
-        "bytes": nbytes,
-    }
+@dataclass
+class Metrics:
+    loss: float  # nats per target token
+    ppl: float
+    bpt: float  # bits per token
+    bpb: float  # bits per UTF-8 byte of the scored tokens
+    tokens: int
+    bytes: int
+
+    @classmethod
+    def of(cls, nll: float, tokens: int, nbytes: int) -> Metrics:
+        loss = nll / tokens if tokens else float("nan")
+        return cls(loss=loss, ppl=math.exp(loss) if tokens else float("nan"), bpt=loss / math.log(2),
+                   bpb=nll / math.log(2) / nbytes if nbytes else float("nan"), tokens=tokens, bytes=nbytes)
+
+
+@dataclass
+class Scores:
+    overall: Metrics
+    per_source: dict[str, Metrics]
+
+    def named(self) -> list[tuple[str, Metrics]]:
+        """Every source, then 'overall': the rows of every table."""
+        return [*self.per_source.items(), ("overall", self.overall)]
+
+
+@dataclass
+class Change:
+    """One source's loss with the adapter disabled (base) and enabled (tuned); negative delta: it helps."""
+
+    base_loss: float
+    tuned_loss: float
+    delta: float
+
+
+@dataclass
+class ForgettingSources(Scores):
+    """Sources never trained on (eval.forgetting_sources), scored by the tuned and the base model."""
+
+    base: Scores
+    forgetting: dict[str, Change]
+
+
+@dataclass
+class EvalResult(Scores):
+    samples: int
+    rows: int
+    seconds: float
+    samples_per_s: float
+    tokens_per_s: float
+    batch_size: int
+    step: int | None = None
+    base: Scores | None = None  # eval.base_compare: the same rows with the adapter disabled
+    forgetting: dict[str, Change] | None = None
+    forgetting_sources: ForgettingSources | None = None
+    overrides: list[str] | None = None  # `loramix eval` overrides applied to the run's config
+
+    def to_dict(self) -> dict:
+        """eval.json's layout (fields that are None are left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> EvalResult:
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(cls).validate_python(raw)
 
 
 def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int,
-             batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist(), progress: bool = False) -> dict:
+             batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist(), progress: bool = False) -> EvalResult:
     """Metrics overall and per source over `rows`, plus throughput; the model's train/eval mode is restored.
 
     Under torchrun each process scores every world-th row and the token-weighted sums are added up
@@ -71,8 +125,7 @@ def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray
     size = batch_size or (128 if torch.device(device).type == "cuda" else 8)
     while True:
         try:
-            return {**_evaluate(model, rows[dist.rank :: dist.world], sources, token_bytes, device, pad_id, size, autocast, dist, progress),
-                    "batch_size": size}
+            return _evaluate(model, rows[dist.rank :: dist.world], sources, token_bytes, device, pad_id, size, autocast, dist, progress)
         except torch.OutOfMemoryError:
             if batch_size or size == 1 or dist.world > 1:
                 raise LoramixError(f"evaluation ran out of GPU memory at {size} rows per batch; set a smaller eval.batch_size") from None
@@ -82,7 +135,7 @@ def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray
 
 @torch.no_grad()
 def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int, size: int, autocast,
-              dist: Dist, progress: bool) -> dict:
+              dist: Dist, progress: bool) -> EvalResult:
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -109,75 +162,75 @@ def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarra
     nll_sum, tok_sum, byte_sum, (samples, n_rows) = sums[:S].tolist(), sums[S : 2 * S].long().tolist(), sums[2 * S : 3 * S].long().tolist(), sums[3 * S :].long().tolist()
     seconds = time.perf_counter() - start
     model.train(was_training)
-    per_source = {name: summarize(nll_sum[i], tok_sum[i], byte_sum[i]) for i, name in enumerate(sources)}
-    return {
-        "overall": summarize(sum(nll_sum), sum(tok_sum), sum(byte_sum)),
-        "per_source": per_source,
-        "samples": samples,
-        "rows": n_rows,
-        "seconds": seconds,
-        "samples_per_s": samples / seconds if seconds else float("nan"),
-        "tokens_per_s": sum(tok_sum) / seconds if seconds else float("nan"),
-    }
+    return EvalResult(
+        overall=Metrics.of(sum(nll_sum), sum(tok_sum), sum(byte_sum)),
+        per_source={name: Metrics.of(nll_sum[i], tok_sum[i], byte_sum[i]) for i, name in enumerate(sources)},
+        samples=samples, rows=n_rows, seconds=seconds, samples_per_s=samples / seconds if seconds else float("nan"),
+        tokens_per_s=sum(tok_sum) / seconds if seconds else float("nan"), batch_size=size,
+    )
 
 
-def format_table(metrics: dict) -> str:
+@dataclass
+class Scorer:
+    """`evaluate` with the model and its settings bound; remembers the batch size that fitted."""
+
+    model: object
+    token_bytes: np.ndarray
+    device: torch.device
+    pad_id: int
+    batch_size: int | None = None
+    autocast: Callable = contextlib.nullcontext
+    dist: Dist = Dist()
+    progress: bool = False
+
+    def __call__(self, rows: list[Row], sources: list[str], adapter: bool = True) -> EvalResult:
+        """Score `rows`; with `adapter=False`, the base model (the PEFT adapter disabled)."""
+        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
+            result = evaluate(self.model, rows, sources, self.token_bytes, self.device, self.pad_id, self.batch_size,
+                              self.autocast, self.dist, self.progress)
+        self.batch_size = result.batch_size
+        return result
+
+
+def compare_with_base(tuned: Scores, base: Scores) -> dict[str, Change]:
+    """Per source and overall: base vs tuned loss and the change."""
+    base_of = dict(base.named())
+    return {name: Change(base_of[name].loss, m.loss, m.loss - base_of[name].loss) for name, m in tuned.named()}
+
+
+def forgetting_check(score: Scorer, result: EvalResult, val_rows: list[Row], sources: list[str], base_compare: bool,
+                     forgetting_rows: list[Row], forgetting_sources: list[str], log=print) -> EvalResult:
+    """`result` with the forgetting check added: eval.base_compare scores the validation rows again with
+    the adapter disabled; eval.forgetting_sources scores sources never trained on with and without it."""
+    if base_compare:
+        base = score(val_rows, sources, adapter=False)
+        base = Scores(base.overall, base.per_source)
+        result = dataclasses.replace(result, base=base, forgetting=compare_with_base(result, base))
+        log(format_base_table(result.forgetting))
+    if forgetting_rows:
+        tuned, base = score(forgetting_rows, forgetting_sources), score(forgetting_rows, forgetting_sources, adapter=False)
+        base = Scores(base.overall, base.per_source)
+        held = ForgettingSources(tuned.overall, tuned.per_source, base, compare_with_base(tuned, base))
+        result = dataclasses.replace(result, forgetting_sources=held)
+        log("forgetting sources (never trained on):\n" + format_base_table(held.forgetting))
+    return result
+
+
+def format_table(result: EvalResult) -> str:
     """The metrics as a fixed-width table: one row per source, then the overall row."""
     head = f"{'source':<18} {'tokens':>10} {'loss':>8} {'ppl':>9} {'bpt':>7} {'bpb':>7}"
     lines = [head, "-" * len(head)]
-    rows = list(metrics["per_source"].items()) + [("overall", metrics["overall"])]
-    for name, m in rows:
-        lines.append(f"{name:<18} {m['tokens']:>10,} {m['loss']:>8.4f} {m['ppl']:>9.2f} {m['bpt']:>7.3f} {m['bpb']:>7.3f}")
-    lines.append(f"{metrics['samples']:,} samples in {metrics['rows']:,} rows, {metrics['seconds']:.2f} s: "
-                 f"{metrics['samples_per_s']:.1f} samples/s, {metrics['tokens_per_s']:,.0f} tokens/s")
+    for name, m in result.named():
+        lines.append(f"{name:<18} {m.tokens:>10,} {m.loss:>8.4f} {m.ppl:>9.2f} {m.bpt:>7.3f} {m.bpb:>7.3f}")
+    lines.append(f"{result.samples:,} samples in {result.rows:,} rows, {result.seconds:.2f} s: "
+                 f"{result.samples_per_s:.1f} samples/s, {result.tokens_per_s:,.0f} tokens/s")
     return "\n".join(lines)
 
 
-def compare_with_base(tuned: dict, base: dict) -> dict:
-    """eval.json's `base` (adapter disabled) and `forgetting`: per source, base vs tuned loss and the change."""
-    rows = {**tuned["per_source"], "overall": tuned["overall"]}
-    base_rows = {**base["per_source"], "overall": base["overall"]}
-    return {
-        "base": {"overall": base["overall"], "per_source": base["per_source"]},
-        "forgetting": {name: {"base_loss": base_rows[name]["loss"], "tuned_loss": m["loss"], "delta": m["loss"] - base_rows[name]["loss"]}
-                       for name, m in rows.items()},
-    }
-
-
-def format_base_table(metrics: dict) -> str:
+def format_base_table(changes: dict[str, Change]) -> str:
     """Base vs tuned validation loss per source (negative delta: the adapter helps)."""
     head = f"{'source':<18} {'base loss':>10} {'tuned loss':>10} {'delta':>8}"
     lines = [head, "-" * len(head)]
-    for name, r in metrics["forgetting"].items():
-        lines.append(f"{name:<18} {r['base_loss']:>10.4f} {r['tuned_loss']:>10.4f} {r['delta']:>+8.4f}")
+    for name, c in changes.items():
+        lines.append(f"{name:<18} {c.base_loss:>10.4f} {c.tuned_loss:>10.4f} {c.delta:>+8.4f}")
     return "\n".join(lines)
-
-
-def evaluate_run(source: Path, log=print, progress: bool = False, cfg: Config | None = None) -> dict:
-    """Validation metrics of a run (from its saved config and adapter), or of a stock PEFT adapter dir on
-    the data of `cfg` (its base is the one named in adapter_config.json).
-
-    Raises:
-        LoramixError: neither kind of dir, a PEFT adapter without a config, no adapter yet, or a base
-            model that differs from the one trained.
-    """
-    source = Path(source)
-    if (source / "config.yaml").is_file():
-        cfg = rundir.load_run_config(source)
-        load = lambda base: load_run_adapter(source, base)  # noqa: E731
-    elif (source / "adapter_config.json").is_file():
-        if cfg is None:
-            raise LoramixError(f"{source} is a PEFT adapter dir: name the data to score it on, e.g. loramix eval {source} -c configs/demo.yaml")
-        base_name = rundir.read_json(source / "adapter_config.json").get("base_model_name_or_path")
-        cfg = replace(cfg, model=ModelConfig(name=base_name or cfg.model.name))
-        load = lambda base: load_adapter(base, source)  # noqa: E731
-    else:
-        raise LoramixError(f"{source} is not a loramix run dir (no config.yaml) nor a PEFT adapter dir; pass the --run-dir of a `loramix train` run")
-    dist = init_distributed(cfg.train)
-    device, precision = resolve_device(cfg.train, dist)
-    tokenizer, data, base = setup(cfg, log)
-    # Merged into the base weights in memory: evaluation pays nothing for the LoRA side path.
-    model = load(base).merge_and_unload().to(device)
-    compile_body(model, cfg.train, device)
-    return evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tokenizer), device,
-                    tokenizer.eos_token_id, cfg.eval.batch_size, autocast_for(device, precision), dist, progress and dist.main)

@@ -1,18 +1,18 @@
-"""`loramix generate`: sample from a run, a PEFT adapter or a (merged) model dir, streaming to the terminal.
+"""Generation: sample from a model (a tuned one merged in memory, or any causal LM), streaming text.
 
 Decoding is transformers' `generate` (KV cache, temperature / top-k / top-p / repetition penalty, stop
-strings); loramix adds the source resolution, seeding, batching of prompt files and the tokens/s count.
+strings); loramix adds the sampling checks, seeding, batching of prompts and the tokens/s count.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from loramix.errors import LoramixError
+from loramix.model import context_length
 
 
 @dataclass
@@ -38,24 +38,6 @@ class Sampling:
             raise LoramixError("; ".join(bad))
 
 
-def load_for_generation(source: Path, device: torch.device):
-    """(model, tokenizer) from a run dir or PEFT adapter dir (adapter merged in memory) or a model dir."""
-    from loramix.config import ModelConfig
-    from loramix.export import load_tuned
-    from loramix.model import load_base_model, load_tokenizer
-
-    source = Path(source)
-    if (source / "config.yaml").is_file() or (source / "adapter_config.json").is_file():
-        model, tokenizer = load_tuned(source)
-        model = model.merge_and_unload()
-    elif (source / "config.json").is_file():
-        mc = ModelConfig(name=str(source))
-        model, tokenizer = load_base_model(mc, seq_len=1), load_tokenizer(mc)
-    else:
-        raise LoramixError(f"{source} is not a run dir, a PEFT adapter dir or a model dir (config.json); pass one of those")
-    return model.to(device).eval(), tokenizer
-
-
 def generate(model, tokenizer, prompts: list[str], s: Sampling, stream=None) -> tuple[list[str], float]:
     """Completions for `prompts` (one batch, left-padded) and the generated tokens per second.
 
@@ -68,7 +50,7 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream=None) -> 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    n_pos = context_length(model.config) or 1024
     if enc["input_ids"].shape[1] + s.max_new_tokens > n_pos:
         raise LoramixError(f"prompt ({enc['input_ids'].shape[1]} tokens) + --max-new-tokens={s.max_new_tokens} exceeds the model's {n_pos} positions; shorten one")
     streamer = None

@@ -1,4 +1,5 @@
-"""Per-token NLL through the LM head without ever holding (tokens, vocab) logits for a whole batch.
+"""Per-token NLL of a batch: the model body under a mask that isolates documents, then the LM head
+without ever holding (tokens, vocab) logits for a whole batch.
 
 GPT-2's head is 50,257 wide: on small models it dominates time and memory, and an ordinary
 `cross_entropy(logits)` keeps full-size logits, their softmax and their gradient alive at once.
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from loramix.data.packing import IGNORE, Batch
+from loramix.model import unwrap
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -54,3 +58,40 @@ def head_nll(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chun
     pieces = [F.cross_entropy(head(h[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
               for i in range(0, len(targets), chunk)]
     return torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+
+
+def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """2D padding mask when every row holds one segment; else a 4D block-diagonal causal mask.
+
+    segment_ids: (B, T), 0 = padding. Returns (B, T) long, or (B, 1, T, T) bool (True = may attend).
+    """
+    if int(segment_ids.max()) <= 1:
+        return (segment_ids > 0).long()
+    T = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    # Padding (segment 0) attends to earlier padding: no query row is fully masked, so SDPA never
+    # produces NaN there, and real tokens never see padding because their segment differs.
+    return (same & causal)[:, None]
+
+
+def token_nll(model, batch: Batch) -> torch.Tensor:
+    """Per-position NLL in fp32, (B, T), 0 where the target is IGNORE.
+
+    The LM head runs only on positions that have a target (padding costs nothing there), through
+    `loss.head_nll`, which never materialises the batch's full logits.
+    """
+    lm = unwrap(model)
+    if lm.config._attn_implementation == "flash_attention_2":
+        # Varlen FlashAttention: one flattened row, which transformers cuts into documents at every
+        # position-id restart (padding positions become one-token documents whose targets are ignored).
+        B, T = batch.input_ids.shape
+        hidden = lm.base_model(input_ids=batch.input_ids.view(1, B * T), position_ids=batch.position_ids.view(1, B * T)).last_hidden_state.view(B, T, -1)
+    else:
+        hidden = lm.base_model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask(batch.segment_ids)
+        ).last_hidden_state  # (B, T, C)
+    keep = batch.targets != IGNORE
+    nll = hidden.new_zeros(keep.shape, dtype=torch.float32)
+    nll[keep] = head_nll(hidden[keep], lm.get_output_embeddings(), batch.targets[keep])
+    return nll

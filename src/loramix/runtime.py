@@ -1,18 +1,18 @@
-"""What every command shares: processes (torchrun), device and precision, and tokenizer + data + model setup."""
+"""What every command shares: processes (torchrun), the device and precision, and stopping on a signal."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
-from loramix.config import Config, TrainConfig
-from loramix.data.prepare import prepare_data
+from loramix.config import DEVICES
 from loramix.errors import LoramixError
-from loramix.model import load_base_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -53,30 +53,44 @@ class Dist:
         return out
 
 
-def init_distributed(tc: TrainConfig) -> Dist:
+def init_distributed(device: str = "auto") -> Dist:
     """Join torchrun's process group when launched by it (NCCL on GPUs, gloo on CPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Dist()
     if not tdist.is_initialized():
-        gpu = torch.cuda.is_available() and not tc.device.startswith("cpu")
+        gpu = torch.cuda.is_available() and not device.startswith("cpu")
         tdist.init_process_group("nccl" if gpu else "gloo")
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_device(tc: TrainConfig, dist: Dist = Dist()) -> tuple[torch.device, str]:
-    """The device, and the precision 'auto' means on it (fp32 on CPU: bf16 there is ~60x slower)."""
-    name = tc.device if tc.device != "auto" else (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, dist: Dist = Dist()) -> torch.device:
+    """The device `name` means for this process: 'auto' is this process's GPU (torchrun's LOCAL_RANK)
+    when there is one, else the CPU; 'cuda' and 'cuda:N' need a visible GPU.
+
+    Raises:
+        LoramixError: a name that is no device, or a GPU that is not there.
+    """
+    if not DEVICES.fullmatch(name):
+        raise LoramixError(f"device {name!r} is not one loramix runs on; use auto, cpu, cuda, cuda:N or mps")
+    if name == "auto":
+        name = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and torch.cuda.is_available():
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoramixError(f"device {name} asked for, but no CUDA GPU is visible; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LoramixError(f"device {name} asked for, but only {torch.cuda.device_count()} GPU(s) are visible; pick one of cuda:0..cuda:{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LoramixError(f"train.device={tc.device} but no CUDA GPU is visible; use train.device=cpu")
-    precision = tc.precision
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What 'auto' means on `device`: bf16 where the GPU has it, else fp16; fp32 on CPU (bf16 there is ~60x slower)."""
     if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        precision = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if precision == "fp16" and device.type != "cuda":
         raise LoramixError("train.precision=fp16 needs a CUDA GPU; use train.precision=fp32 on CPU")
-    return device, precision
+    return precision
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -86,18 +100,31 @@ def autocast_for(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def compile_body(model, tc: TrainConfig, device: torch.device) -> bool:
-    """torch.compile the transformer body in place (names and state dict unchanged); returns whether it did."""
-    if tc.compile == "off" or (tc.compile == "auto" and device.type != "cuda"):
-        return False
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lm.base_model.compile(dynamic=True)  # row lengths vary from batch to batch
-    return True
+class Interrupted(LoramixError):
+    """SIGINT/SIGTERM: the current step finished and a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
-def setup(cfg: Config, log=print):
-    """Tokenizer, prepared data and base model: shared by `train` and `eval`, so both see the same data."""
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, log, cfg.eval.forgetting_sources)
-    model = load_base_model(cfg.model, cfg.data.seq_len)
-    return tokenizer, data, model
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps; a second signal acts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

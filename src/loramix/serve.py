@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from loramix.errors import LoramixError
+from loramix.artifacts import MODEL, kind_of, load_adapters, load_for_generation
+from loramix.generate import Sampling, generate
+from loramix.model import context_length
 
 ALLOWED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n", "echo",
            "user", "repetition_penalty", "logprobs", "frequency_penalty", "presence_penalty", "best_of", "suffix", "stream_options"}
@@ -50,25 +52,11 @@ class Engine:
 
 def load_engine(sources: list[Path], max_tokens: int, device: torch.device) -> Engine:
     """One base with every adapter in `sources` (run dirs or PEFT adapter dirs on the same base), or one model dir."""
-    from loramix.generate import load_for_generation
-
     sources = [Path(s) for s in sources]
-    if len(sources) == 1 and (sources[0] / "config.json").is_file() and not (sources[0] / "adapter_config.json").is_file():
-        model, tok = load_for_generation(sources[0], device)
-        return Engine(model, tok, [], max_tokens, threading.Lock())
-    from loramix.export import load_tuned
-    from loramix.model import base_fingerprint
-
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names) or "base" in names:
-        raise LoramixError(f"adapters are named by their dirs ({', '.join(names)}): the names must differ and not be 'base'; rename a dir")
-    model, tok = load_tuned(sources[0], adapter_name=names[0])
-    fingerprint = base_fingerprint(model.get_base_model())
-    for source, name in zip(sources[1:], names[1:]):
-        other, _ = load_tuned(source, adapter_name=name)  # also checks a run's own base
-        if base_fingerprint(other.get_base_model()) != fingerprint:
-            raise LoramixError(f"{source} was trained on another base than {sources[0]}; serve adapters of one base together")
-        model.load_adapter(str(source / "adapter" if (source / "adapter").is_dir() else source), adapter_name=name)
+    if len(sources) == 1 and kind_of(sources[0]) == MODEL:
+        model, tok = load_for_generation(sources[0])
+        return Engine(model.to(device).eval(), tok, [], max_tokens, threading.Lock())
+    model, tok, names = load_adapters(sources)
     return Engine(model.to(device).eval(), tok, names, max_tokens, threading.Lock())
 
 
@@ -104,7 +92,7 @@ def parse_request(body: bytes, engine: Engine) -> dict:
         v = req.get(key)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not low <= v <= high or (key != "temperature" and v == 0)):
             raise BadRequest(f"{key} must be a number in {'[' if key == 'temperature' else '('}{low}, {high}]", param=key)
-    n_pos = getattr(engine.model.config, "n_positions", None) or getattr(engine.model.config, "max_position_embeddings", 1024)
+    n_pos = context_length(engine.model.config) or 1024
     longest = max(len(engine.tokenizer(p)["input_ids"]) for p in prompts)
     if longest + max_tokens > n_pos:
         raise BadRequest(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the context window of {n_pos} tokens", param="prompt")
@@ -116,8 +104,6 @@ def parse_request(body: bytes, engine: Engine) -> dict:
 
 def complete(engine: Engine, r: dict, stream=None) -> list[tuple[str, str, int]]:
     """(text, finish_reason, completion tokens) per prompt, generated under the engine's lock."""
-    from loramix.generate import Sampling, generate
-
     s = Sampling(r["max_tokens"], r["temperature"], r["top_k"], r["top_p"], r["repetition_penalty"], r["seed"], r["stop"])
     with engine.lock:
         if engine.adapters and r["model"] != "base":
@@ -132,96 +118,101 @@ def complete(engine: Engine, r: dict, stream=None) -> list[tuple[str, str, int]]
         return out
 
 
-def make_handler(engine: Engine, log):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class Handler(BaseHTTPRequestHandler):
+    """One request per call; `make_handler` binds the engine and the log."""
 
-        def log_message(self, fmt, *args):  # one line per request through our log
-            log(f"{self.address_string()} {fmt % args}")
+    protocol_version = "HTTP/1.1"
+    engine: Engine
+    log = staticmethod(print)
 
-        def _json(self, status: int, obj: dict) -> None:
-            body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def log_message(self, fmt, *args):  # one line per request through our log
+        self.log(f"{self.address_string()} {fmt % args}")
 
-        def _error(self, status: int, message: str, param: str | None = None) -> None:
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+    def _json(self, status: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-        def do_GET(self):
-            if self.path == "/health":
-                self._json(200, {"status": "ok"})
-            elif self.path == "/v1/models":
-                names = engine.names or ["model"]
-                self._json(200, {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "loramix"} for n in names]})
-            else:
-                self._error(404, f"no route {self.path}; use /v1/completions, /v1/models or /health")
+    def _error(self, status: int, message: str, param: str | None = None) -> None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
 
-        def do_POST(self):
-            if self.path != "/v1/completions":
-                self._error(404, f"no route {self.path}; POST /v1/completions")
+    def do_GET(self):
+        if self.path == "/health":
+            self._json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            names = self.engine.names or ["model"]
+            self._json(200, {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "loramix"} for n in names]})
+        else:
+            self._error(404, f"no route {self.path}; use /v1/completions, /v1/models or /health")
+
+    def do_POST(self):
+        if self.path != "/v1/completions":
+            self._error(404, f"no route {self.path}; POST /v1/completions")
+            return
+        try:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            req = parse_request(body, self.engine)
+            if req["stream"]:
+                self._stream(req)
                 return
-            try:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                req = parse_request(body, engine)
-                if req["stream"]:
-                    self._stream(req)
-                    return
-                results = complete(engine, req)
-                usage_prompt = sum(len(engine.tokenizer(p)["input_ids"]) for p in req["prompts"])
-                usage_done = sum(n for _, _, n in results)
-                self._json(200, {
-                    "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": req["model"],
-                    "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f, _) in enumerate(results)],
-                    "usage": {"prompt_tokens": usage_prompt, "completion_tokens": usage_done, "total_tokens": usage_prompt + usage_done},
-                })
-            except BadRequest as e:
-                self._error(e.status, str(e), e.param)
-            except Exception as e:  # never a stack trace to the client
-                log(f"error: {type(e).__name__}: {e}")
-                self._error(500, "internal error while generating; see the server log")
+            results = complete(self.engine, req)
+            usage_prompt = sum(len(self.engine.tokenizer(p)["input_ids"]) for p in req["prompts"])
+            usage_done = sum(n for _, _, n in results)
+            self._json(200, {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": req["model"],
+                "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f, _) in enumerate(results)],
+                "usage": {"prompt_tokens": usage_prompt, "completion_tokens": usage_done, "total_tokens": usage_prompt + usage_done},
+            })
+        except BadRequest as e:
+            self._error(e.status, str(e), e.param)
+        except Exception as e:  # never a stack trace to the client
+            self.log(f"error: {type(e).__name__}: {e}")
+            self._error(500, "internal error while generating; see the server log")
 
-        def _stream(self, req: dict) -> None:
-            if len(req["prompts"]) != 1:
-                raise BadRequest("stream=true takes one prompt", param="prompt")
-            cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
+    def _stream(self, req: dict) -> None:
+        if len(req["prompts"]) != 1:
+            raise BadRequest("stream=true takes one prompt", param="prompt")
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
 
-            def chunk(text: str, finish: str | None) -> None:
-                event = {"id": cid, "object": "text_completion", "created": created, "model": req["model"],
-                         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                self.wfile.flush()
-
-            emitted, done = [], False
-
-            def on_text(piece: str) -> None:
-                # Text arrives before stop strings are cut: emit up to the first stop string, then nothing.
-                nonlocal done
-                if done or not piece:
-                    return
-                full = "".join(emitted) + piece
-                cuts = [full.index(x) for x in req["stop"] if x in full]
-                if cuts:
-                    piece, done = full[: min(cuts)][len("".join(emitted)) :], True
-                if piece:
-                    emitted.append(piece)
-                    chunk(piece, None)
-
-            ((_, finish, _),) = complete(engine, req, stream=on_text)
-            chunk("", finish)
-            self.wfile.write(b"data: [DONE]\n\n")
+        def chunk(text: str, finish: str | None) -> None:
+            event = {"id": cid, "object": "text_completion", "created": created, "model": req["model"],
+                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
 
-    return Handler
+        emitted, done = [], False
+
+        def on_text(piece: str) -> None:
+            # Text arrives before stop strings are cut: emit up to the first stop string, then nothing.
+            nonlocal done
+            if done or not piece:
+                return
+            full = "".join(emitted) + piece
+            cuts = [full.index(x) for x in req["stop"] if x in full]
+            if cuts:
+                piece, done = full[: min(cuts)][len("".join(emitted)) :], True
+            if piece:
+                emitted.append(piece)
+                chunk(piece, None)
+
+        ((_, finish, _),) = complete(self.engine, req, stream=on_text)
+        chunk("", finish)
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def make_handler(engine: Engine, log) -> type[Handler]:
+    return type("BoundHandler", (Handler,), {"engine": engine, "log": staticmethod(log)})
 
 
 def serve(sources: list[Path], host: str, port: int, max_tokens: int, device: torch.device, log=print) -> None:

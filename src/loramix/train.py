@@ -1,5 +1,7 @@
 """The training loop: AdamW, warmup + linear decay, gradient accumulation, clipping, mixed precision,
-periodic validation, metrics.jsonl, and the final adapter + eval.json.
+periodic validation, checkpoints and metrics.jsonl. `train` runs the recipe as named steps: set up,
+plan, open the run dir, `fit` (the loop, which returns after the last step), the final evaluation with
+the forgetting check, and the run's artifacts (adapter, eval.json, run.json).
 
 Gradient accumulation is token-exact: each micro-batch's summed NLL is divided by the number of target
 tokens in the whole optimizer step, so the gradient equals that of one big batch, whatever the padding,
@@ -8,26 +10,27 @@ packing or document lengths (a per-micro-batch mean would weight short micro-bat
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from loramix import artifacts
 from loramix import checkpoint as ckpt
 from loramix.config import Config, config_diff
-from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps, prefetch
+from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps
 from loramix.data.prepare import Prepared
 from loramix.errors import LoramixError
-from loramix.evaluate import compare_with_base, evaluate, format_base_table, format_table, token_byte_lengths
-from loramix.model import attach_lora, base_fingerprint, count_parameters, token_nll
-from loramix.runtime import Dist, autocast_for, compile_body, init_distributed, resolve_device, setup
+from loramix.evaluate import EvalResult, Scorer, forgetting_check, format_table, token_byte_lengths
+from loramix.files import read_json, write_json
+from loramix.loss import token_nll
+from loramix.model import attach_lora, base_fingerprint, compile_body, count_parameters
+from loramix.runtime import Dist, Interrupted, StopOnSignal, autocast_for, init_distributed, resolve_device, resolve_precision
 from loramix.tracking import EventLog
-from loramix import rundir
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -104,7 +107,7 @@ def make_plan(cfg: Config, data: Prepared, model, world: int = 1) -> tuple[Plan,
 class TrainResult:
     model: object
     plan: Plan
-    eval: dict | None
+    eval: EvalResult | None
     run_dir: Path | None
 
 
@@ -114,10 +117,11 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     With `train.resume=auto`, an existing run dir is continued from its newest valid checkpoint.
     Under torchrun every process runs this; only rank 0 logs and writes files.
     """
-    dist = init_distributed(cfg.train)
+    dist = init_distributed(cfg.train.device)
     log = log if dist.main else _silent
-    device, precision = resolve_device(cfg.train, dist)
-    tokenizer, data, model = setup(cfg, log)
+    device = resolve_device(cfg.train.device, dist)
+    precision = resolve_precision(cfg.train.precision, device)
+    tokenizer, data, model = artifacts.load_inputs(cfg, log)
     fingerprints = {"base_fingerprint": base_fingerprint(model), "config_fingerprint": cfg.fingerprint(dist.world)}
     model = attach_lora(model, cfg.lora, cfg.train.seed)
     plan, schedule = make_plan(cfg, data, model, dist.world)
@@ -128,16 +132,19 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
 
     resume_from = _open_run_dir(run_dir, cfg, data, overwrite, dist, log)
     status = {**fingerprints, "device": str(device), "precision": precision, "world_size": dist.world,
-              "plan": vars(plan), "environment": rundir.environment()}
+              "plan": vars(plan), "environment": artifacts.environment()}
 
     def record(**fields) -> None:
         if dist.main:
-            rundir.write_json(run_dir / "run.json", {**status, **fields})
+            artifacts.write_status(run_dir, {**status, **fields})
 
     record(status="running")
     try:
-        final = _fit(cfg, model, tokenizer, data, plan, schedule, device, precision, run_dir, fingerprints, resume_from, dist, log,
-                     progress and dist.main)
+        loop = Loop.start(cfg, model, tokenizer, data, plan, device, precision, run_dir, fingerprints, dist, log, progress and dist.main)
+        if resume_from is not None:
+            loop.resume(resume_from)
+        final = final_evaluation(loop, fit(loop, schedule))
+        save_results(loop, final)
     except Interrupted:
         record(status="interrupted")
         raise
@@ -151,6 +158,63 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
 
 def _silent(*args, **kwargs) -> None:
     """The log of ranks other than 0."""
+
+
+@dataclass
+class Loop:
+    """Everything the loop reads and advances: built once by `start`, then passed to each step."""
+
+    cfg: Config
+    model: object
+    data: Prepared
+    plan: Plan
+    device: torch.device
+    autocast: Callable
+    run_dir: Path
+    fingerprints: dict
+    dist: Dist
+    log: Callable
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    metrics: EventLog
+    score: Scorer
+    pad_id: int
+    progress: bool
+    state: ckpt.TrainState
+    log_nll: torch.Tensor | None = None  # summed on the device between logged rows (no sync per step)
+    started: float = 0.0  # when this process began (or resumed) training; state.elapsed is the time before
+
+    @classmethod
+    def start(cls, cfg: Config, model, tokenizer, data: Prepared, plan: Plan, device, precision: str, run_dir: Path,
+              fingerprints: dict, dist: Dist, log, progress: bool) -> Loop:
+        torch.manual_seed(cfg.train.seed + dist.rank)  # dropout stream, one per process
+        model.to(device).train()
+        if compile_body(model, cfg.train.compile, device):
+            log("  torch.compile: on (the first steps include compilation)")
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = {"fused": True} if device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **fused)
+        autocast = autocast_for(device, precision)
+        score = Scorer(model, token_byte_lengths(tokenizer), device, tokenizer.eos_token_id, cfg.eval.batch_size, autocast, dist)
+        loop = cls(cfg, model, data, plan, device, autocast, run_dir, fingerprints, dist, log, params, optimizer,
+                   torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                   EventLog(run_dir, cfg.track, enabled=dist.main, run_name=cfg.name), score, tokenizer.eos_token_id, progress,
+                   ckpt.TrainState(eval_batch=cfg.eval.batch_size))
+        loop.log_nll = torch.zeros((), dtype=torch.float64, device=device)
+        return loop
+
+    def resume(self, path: Path) -> None:
+        self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scaler, self.fingerprints, self.dist.rank, self.dist.world, self.log)
+        self.score.batch_size = self.state.eval_batch
+        self.metrics.truncate(self.state.metrics_bytes)  # rows logged after that checkpoint are logged again
+        if self.dist.main:  # rank 0 carries the saved sum for everyone
+            self.log_nll.fill_(self.state.log_nll)
+        self.log(f"resumed from {path.name} (step {self.state.step} of {self.plan.total_steps})")
+
+    def clock(self) -> float:
+        """Wall time of the run, across resumes."""
+        return self.state.elapsed + time.perf_counter() - self.started
 
 
 def _open_run_dir(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, dist: Dist, log) -> Path | None:
@@ -173,13 +237,13 @@ def _open_run_dir(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, d
 
 
 def _resume_point(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, world: int, log) -> Path | None:
-    if cfg.train.resume == "auto" and (run_dir / "config.yaml").is_file():
-        saved_world = rundir.read_json(run_dir / "run.json").get("world_size", 1) if (run_dir / "run.json").is_file() else 1
-        diff = config_diff(rundir.load_run_config(run_dir), cfg, saved_world, world)
+    if cfg.train.resume == "auto" and artifacts.kind_of(run_dir) == artifacts.RUN:
+        saved_world = artifacts.read_status(run_dir).get("world_size", 1)
+        diff = config_diff(artifacts.load_run_config(run_dir), cfg, saved_world, world)
         if diff:
             raise LoramixError(f"cannot resume {run_dir}: the config differs ({'; '.join(diff)}); resume with the run's own config "
                                "(with another process count, keep micro_batch x grad_accum x processes) or pick another --run-dir")
-        saved = rundir.read_json(run_dir / "manifest.json")
+        saved = read_json(run_dir / "manifest.json")
         changed = [n for n, m in data.mixture.manifest["sources"].items() if saved["sources"].get(n) != m]
         if changed:
             raise LoramixError(f"cannot resume {run_dir}: the data of {', '.join(changed)} changed since the run started; restore it or start a new run")
@@ -187,161 +251,148 @@ def _resume_point(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, w
         if found is not None:
             return found
         log(f"no valid checkpoint in {run_dir}: starting it from the beginning")
-    rundir.prepare_run_dir(run_dir, overwrite or cfg.train.resume == "auto")
-    rundir.save_config(run_dir, cfg)
-    rundir.write_json(run_dir / "manifest.json", data.mixture.manifest)
+    artifacts.prepare_run_dir(run_dir, overwrite or cfg.train.resume == "auto")
+    artifacts.save_config(run_dir, cfg)
+    write_json(run_dir / "manifest.json", data.mixture.manifest)
     return None
 
 
-class Interrupted(LoramixError):
-    """SIGINT/SIGTERM: the current step finished and a checkpoint was written."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class StopOnSignal:
-    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps; a second signal acts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _fit(cfg: Config, model, tokenizer, data: Prepared, plan: Plan, schedule: list[list[Step]], device, precision,
-         run_dir: Path, fingerprints: dict, resume_from: Path | None, dist: Dist, log, progress: bool) -> dict:
-    tc = cfg.train
-    torch.manual_seed(tc.seed + dist.rank)  # dropout stream, one per process
-    model.to(device).train()
-    if compile_body(model, tc, device):
-        log("  torch.compile: on (the first steps include compilation)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = autocast_for(device, precision)
-    pad_id = tokenizer.eos_token_id
-    token_bytes = token_byte_lengths(tokenizer)
-    metrics = EventLog(run_dir, cfg.track, enabled=dist.main, run_name=cfg.name)
-    targets_of = data.train_lengths - 1  # targets per segment: each step's global count needs no communication
-    state = ckpt.TrainState(eval_batch=cfg.eval.batch_size)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scaler, fingerprints, dist.rank, dist.world, log)
-        metrics.truncate(state.metrics_bytes)  # rows logged after that checkpoint are logged again
-        log(f"resumed from {resume_from.name} (step {state.step} of {plan.total_steps})")
-
-    def validate() -> dict:
-        result = evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, state.eval_batch, autocast, dist,
-                          progress=bar.bar is not None)
-        state.eval_batch = result["batch_size"]  # what fitted: later evaluations need not search again
-        o = result["overall"]
-        state.val_loss = o["loss"]
-        metrics.write({"event": "eval", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "val_loss": o["loss"],
-                       "val_ppl": o["ppl"], "val_bpt": o["bpt"], "val_bpb": o["bpb"], "tokens": state.tokens_seen,
-                       "elapsed_s": clock(), "samples_per_s": result["samples_per_s"], "eval_tokens_per_s": result["tokens_per_s"]})
-        log(f"step {state.step}: val loss {o['loss']:.4f}, ppl {o['ppl']:.2f}")
-        return result
-
-    def checkpoint() -> Path:
-        state.elapsed, state.metrics_bytes, state.log_nll = clock(), metrics.size(), float(dist.all_sum(log_nll.clone()))
-        rng_states = dist.gather(ckpt.local_rng_state())
-        if dist.main:
-            ckpt.save_checkpoint(run_dir, state, model, optimizer, scaler, fingerprints, cfg.checkpoint.keep, rng_states)
-        dist.barrier()
-        return ckpt.checkpoints_dir(run_dir) / f"step-{state.step:07d}"
-
-    started, elapsed0 = time.perf_counter(), state.elapsed
-    clock = lambda: elapsed0 + time.perf_counter() - started  # noqa: E731  (wall time across resumes)
-    steps = [(epoch, micro) for epoch, ep in enumerate(schedule) for micro in ep][: plan.total_steps]
-    # Summed on device (no sync per step); after a resume rank 0 carries the saved sum for everyone.
-    log_nll = torch.tensor(state.log_nll if dist.main else 0.0, dtype=torch.float64, device=device)
-    total, last_eval = plan.total_steps, None
-    bar = Progress(total, state.step, enabled=progress)
-
-    def step_batches(step: Step) -> list[Batch]:
-        """This process's micro-batches of a step: every world-th row, micro_batch rows at a time."""
-        mine = [row for mb in step for row in mb][dist.rank :: dist.world]
-        micro = [collate([[data.train[i] for i in row] for row in mine[k : k + tc.micro_batch]], pad_id)
-                 for k in range(0, len(mine), tc.micro_batch)]
-        return [b.pin_memory() for b in micro] if device.type == "cuda" else micro
-
-    todo = steps[state.step :]
-    batches = (step_batches(step) for _, step in todo)
-    if device.type == "cuda":  # build the next steps' batches on a CPU thread while the GPU computes
-        batches = prefetch(batches)
+def fit(loop: Loop, schedule: list[list[Step]]) -> EvalResult | None:
+    """The loop: one optimizer step per planned step, from the resumed one to the last; returns the
+    last validation result (None when resumed from the final checkpoint)."""
+    tc, state, total = loop.cfg.train, loop.state, loop.plan.total_steps
+    todo = [(epoch, step) for epoch, ep in enumerate(schedule) for step in ep][state.step : total]
+    loop.started = time.perf_counter()
+    bar = Progress(total, state.step, enabled=loop.progress)
+    last_eval = None
     with StopOnSignal() as stop:
-        for (epoch, step), micro in zip(todo, batches):
+        for (epoch, step), micro in zip(todo, _batches(loop, [step for _, step in todo])):
             lr = lr_at(state.step, total, tc.warmup_steps, tc.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            n_targets = int(sum(targets_of[i] for mb in step for row in mb for i in row))
-            for batch in micro:
-                batch = batch.to(device)
-                with autocast():
-                    nll = token_nll(model, batch).sum()
-                scaler.scale(nll / n_targets).backward()
-                log_nll += nll.detach()
-            stopping = _sum_gradients(params, dist, stop.signum is not None)
-            applied = _optimizer_step(optimizer, scaler, params, tc.clip)
-            state.step += 1
-            state.val_loss = None
-            state.tokens_seen += n_targets
-            state.docs_seen += sum(len(row) for mb in step for row in mb)
-            state.log_tokens += n_targets
-            _count_nonfinite(state, applied, tc.nonfinite_patience, run_dir)
+            stopping = _train_step(loop, step, micro, lr, stop.signum is not None)
             if state.step % tc.log_every == 0 or state.step == total:
-                loss = float(dist.all_sum(log_nll.clone())) / state.log_tokens
-                metrics.write({"event": "train", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "lr": lr,
-                               "train_loss": loss, "docs": state.docs_seen, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
-                               "elapsed_s": clock(), "tokens_per_s": state.tokens_seen / max(clock(), 1e-9)})
-                bar.update(state.step, loss, lr, epoch, state.tokens_seen / max(clock(), 1e-9), log)
-                log_nll.zero_()
-                state.log_tokens = 0
+                _log_train(loop, epoch, lr, bar)
             if state.step == total or (tc.eval_every and state.step % tc.eval_every == 0):
-                last_eval = validate()
-            every = cfg.checkpoint.every
+                last_eval = _validate(loop)
+            every = loop.cfg.checkpoint.every
             if state.step == total or (every and state.step % every == 0) or stopping:
-                saved = checkpoint()
+                saved = _checkpoint(loop)
             ckpt.crash_point(f"step-{state.step}")
             if stopping:
                 signum = stop.signum or signal.SIGTERM  # another process got the signal
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {saved} written; "
-                                  f"continue with the same command plus --resume --run-dir {run_dir}", signum)
+                                  f"continue with the same command plus --resume --run-dir {loop.run_dir}", signum)
     bar.close()
-    # Resumed from the final checkpoint: its evaluation is logged already, so recompute without logging.
-    final = last_eval or evaluate(model, data.val_rows, data.mixture.sources, token_bytes, device, pad_id, state.eval_batch, autocast, dist)
-    metrics.close()
-    def score(rows, sources, adapter: bool) -> dict:
-        with contextlib.nullcontext() if adapter else model.disable_adapter():
-            return evaluate(model, rows, sources, token_bytes, device, pad_id, state.eval_batch, autocast, dist)
+    loop.metrics.close()
+    return last_eval
 
-    if cfg.eval.base_compare:  # the forgetting check: the same rows, adapter switched off
-        final = {**final, **compare_with_base(final, score(data.val_rows, data.mixture.sources, adapter=False))}
-        log(format_base_table(final))
-    if data.outside_rows:  # and on sources the adapter never saw
-        tuned = score(data.outside_rows, data.outside, adapter=True)
-        base = score(data.outside_rows, data.outside, adapter=False)
-        final["outside"] = {"overall": tuned["overall"], "per_source": tuned["per_source"], **compare_with_base(tuned, base)}
-        log("held-out sources (never trained on):\n" + format_base_table(final["outside"]))
+
+def _train_step(loop: Loop, step: Step, micro: list[Batch], lr: float, stop: bool) -> bool:
+    """Forward and backward over this process's micro-batches, one update; returns whether any process
+    was asked to stop."""
+    state = loop.state
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    lengths = loop.data.train_lengths
+    n_targets = int(sum(lengths[i] - 1 for mb in step for row in mb for i in row))  # global: no communication
+    for batch in micro:
+        batch = batch.to(loop.device)
+        with loop.autocast():
+            nll = token_nll(loop.model, batch).sum()
+        loop.scaler.scale(nll / n_targets).backward()
+        loop.log_nll += nll.detach()
+    stopping = _sum_gradients(loop.params, loop.dist, stop)
+    applied = _optimizer_step(loop.optimizer, loop.scaler, loop.params, loop.cfg.train.clip)
+    state.step += 1
+    state.val_loss = None
+    state.tokens_seen += n_targets
+    state.docs_seen += sum(len(row) for mb in step for row in mb)
+    state.log_tokens += n_targets
+    _count_nonfinite(state, applied, loop.cfg.train.nonfinite_patience, loop.run_dir)
+    return stopping
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item k: this process's micro-batches of the k-th step (every world-th row, micro_batch rows at a time)."""
+
+    def __init__(self, loop: Loop, steps: list[Step]):
+        self.steps, self.segments, self.pad_id = steps, loop.data.train, loop.pad_id
+        self.rank, self.world, self.micro_batch = loop.dist.rank, loop.dist.world, loop.cfg.train.micro_batch
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k: int) -> list[Batch]:
+        mine = [row for mb in self.steps[k] for row in mb][self.rank :: self.world]
+        return [collate([[self.segments[i] for i in row] for row in mine[j : j + self.micro_batch]], self.pad_id)
+                for j in range(0, len(mine), self.micro_batch)]
+
+
+def _batches(loop: Loop, steps: list[Step]) -> torch.utils.data.DataLoader:
+    """The steps' batches in order. On CUDA a DataLoader worker builds the next steps' batches while the
+    GPU computes, and its pin-memory thread page-locks them for asynchronous copies; on CPU, inline."""
+    cuda = loop.device.type == "cuda"
+    # A private generator: the DataLoader draws a worker seed when iterated, which from the global
+    # generator would shift the dropout stream and break the exact resume.
+    return torch.utils.data.DataLoader(_StepBatches(loop, steps), batch_size=None, num_workers=1 if cuda else 0,
+                                       pin_memory=cuda, prefetch_factor=4 if cuda else None, generator=torch.Generator())
+
+
+def _log_train(loop: Loop, epoch: int, lr: float, bar: Progress) -> None:
+    state = loop.state
+    loss = float(loop.dist.all_sum(loop.log_nll.clone())) / state.log_tokens
+    tokens_per_s = state.tokens_seen / max(loop.clock(), 1e-9)
+    loop.metrics.write({"event": "train", "step": state.step, "epoch": state.step / loop.plan.steps_per_epoch, "lr": lr,
+                        "train_loss": loss, "docs": state.docs_seen, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
+                        "elapsed_s": loop.clock(), "tokens_per_s": tokens_per_s})
+    bar.update(state.step, loss, lr, epoch, tokens_per_s, loop.log)
+    loop.log_nll.zero_()
+    state.log_tokens = 0
+
+
+def _validate(loop: Loop) -> EvalResult:
+    state = loop.state
+    loop.score.progress = loop.progress and sys.stderr.isatty()
+    result = loop.score(loop.data.val_rows, loop.data.mixture.sources)
+    state.eval_batch = result.batch_size  # what fitted: later evaluations need not search again
+    state.val_loss = o_loss = result.overall.loss
+    loop.metrics.write({"event": "eval", "step": state.step, "epoch": state.step / loop.plan.steps_per_epoch, "val_loss": o_loss,
+                        "val_ppl": result.overall.ppl, "val_bpt": result.overall.bpt, "val_bpb": result.overall.bpb,
+                        "tokens": state.tokens_seen, "elapsed_s": loop.clock(), "samples_per_s": result.samples_per_s,
+                        "eval_tokens_per_s": result.tokens_per_s})
+    loop.log(f"step {state.step}: val loss {o_loss:.4f}, ppl {result.overall.ppl:.2f}")
+    return result
+
+
+def _checkpoint(loop: Loop) -> Path:
+    state, dist = loop.state, loop.dist
+    state.elapsed, state.metrics_bytes, state.log_nll = loop.clock(), loop.metrics.size(), float(dist.all_sum(loop.log_nll.clone()))
+    loop.started = time.perf_counter()  # state.elapsed now holds the time so far
+    rng_states = dist.gather(ckpt.local_rng_state())
+    path = ckpt.checkpoints_dir(loop.run_dir) / f"step-{state.step:07d}"
     if dist.main:
-        rundir.save_adapter(model, run_dir)
-        log(format_table(final))
-        rundir.write_json(run_dir / "eval.json", {"step": state.step, **final})
-    return final
+        path = ckpt.save_checkpoint(loop.run_dir, state, loop.model, loop.optimizer, loop.scaler, loop.fingerprints,
+                                    loop.cfg.checkpoint.keep, rng_states)
+    dist.barrier()
+    return path
+
+
+def final_evaluation(loop: Loop, last_eval: EvalResult | None) -> EvalResult:
+    """The validation result of the last step (recomputed when resumed from the final checkpoint, whose
+    evaluation is logged already), with the forgetting check the config asks for."""
+    loop.score.progress = False
+    data = loop.data
+    final = last_eval or loop.score(data.val_rows, data.mixture.sources)
+    final = forgetting_check(loop.score, final, data.val_rows, data.mixture.sources, loop.cfg.eval.base_compare,
+                             data.forgetting_rows, data.forgetting_sources, loop.log)
+    return replace(final, step=loop.state.step)
+
+
+def save_results(loop: Loop, final: EvalResult) -> None:
+    """The adapter, then eval.json (written last: its presence marks a finished run)."""
+    if loop.dist.main:
+        artifacts.save_adapter(loop.model, loop.run_dir)
+        loop.log(format_table(final))
+        artifacts.save_eval(loop.run_dir, final)
 
 
 def _sum_gradients(params, dist: Dist, stop: bool) -> bool:

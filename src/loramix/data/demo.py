@@ -7,9 +7,10 @@ demo and the tests run anywhere. Each source gets its own style so per-source me
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
+
+from loramix.files import write_atomic
 
 ROWS_PER_SOURCE = 120
 VERSION = 1  # bump when the generator changes, so cached files are regenerated
@@ -93,9 +94,7 @@ def write_demo_data(folder: Path, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for k, source in enumerate(DEMO_SOURCES):
         rows = _rows(source, random.Random(seed * 1000 + k))
-        tmp = folder / f".{source}.{os.getpid()}.tmp"
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        os.replace(tmp, folder / f"{source}.jsonl")
+        write_atomic(folder / f"{source}.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def ensure_demo_data(cache_dir: str) -> Path:

@@ -29,7 +29,7 @@ def build_mixture(data: DataConfig, log=print) -> Mixture:
     """Load every source, cap, split per source, apply weights; return documents and the manifest."""
     train, val, manifest = [], [], {}
     for name, spec in data.sources.items():
-        cap = spec.cap if spec.cap is not None else data.cap
+        cap = data.cap_for(spec)
         docs = load_documents(name, spec, data, cap)
         n_val = max(1, round(len(docs) * data.val_share))
         if len(docs) - n_val < 1:

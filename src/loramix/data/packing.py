@@ -14,16 +14,12 @@ waste, and since windows follow the shuffled order, every part of an epoch still
 from __future__ import annotations
 
 import bisect
-import queue
-import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 IGNORE = -100
-T_ = TypeVar("T_")
 
 
 @dataclass(frozen=True)
@@ -187,29 +183,3 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
         n_rows=B,
         n_docs=sum(len(r) for r in rows),
     )
-
-
-
-
-def prefetch(items: Iterable[T_], depth: int = 2) -> Iterator[T_]:
-    """Yield `items`, produced `depth` ahead on a background thread (collation off the GPU's critical path).
-
-    An exception in the producer is raised in the consumer; the thread is a daemon, so a consumer that
-    stops early (an interrupted run) never waits for it.
-    """
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item

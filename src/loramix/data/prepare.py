@@ -9,7 +9,7 @@ import numpy as np
 from loramix.config import DataConfig, SourceConfig
 from loramix.data.mixture import Mixture, build_mixture
 from loramix.data.packing import Row, Segment, make_segments, pack_eval_rows
-from loramix.data.sources import load_documents
+from loramix.data.sources import Document, load_documents
 from loramix.data.tokens import tokenize_documents
 
 
@@ -18,15 +18,15 @@ class Prepared:
     mixture: Mixture
     train: list[Segment]  # the training loop packs these anew every epoch
     val_rows: list[Row]  # packed once: the metrics do not depend on the order
-    outside: list[str] = field(default_factory=list)  # held-out sources for the forgetting check
-    outside_rows: list[Row] = field(default_factory=list)
+    forgetting_sources: list[str] = field(default_factory=list)  # never trained on: the forgetting check
+    forgetting_rows: list[Row] = field(default_factory=list)
 
     @property
     def train_lengths(self) -> np.ndarray:
         return np.array([len(s.tokens) for s in self.train])
 
 
-def prepare_data(data: DataConfig, tokenizer, log=print, outside: dict[str, SourceConfig] | None = None) -> Prepared:
+def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dict[str, SourceConfig] | None = None) -> Prepared:
     """Everything up to rows: what training and `loramix eval` both need, built the same way."""
     if data.local_dir == "@demo":
         from loramix.data.demo import ensure_demo_data
@@ -34,22 +34,21 @@ def prepare_data(data: DataConfig, tokenizer, log=print, outside: dict[str, Sour
         data = _with_local_dir(data, str(ensure_demo_data(data.cache_dir)))
     log("data:")
     mixture = build_mixture(data, log)
-    src_id = {name: i for i, name in enumerate(mixture.sources)}
-
-    def segments(docs) -> list[Segment]:
-        tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log)
-        return make_segments(tokens, [src_id[d.source] for d in docs], data.seq_len, data.long_docs)
-
-    prepared = Prepared(mixture, segments(mixture.train), pack_eval_rows(segments(mixture.val), data.seq_len, data.packing))
-    if outside:
-        prepared.outside = list(outside)
-        docs = [d for name, spec in outside.items()
-                for d in load_documents(name, spec, data, spec.cap if spec.cap is not None else data.cap)]
-        log(f"  held out for the forgetting check: {', '.join(f'{n} {sum(d.source == n for d in docs)}' for n in outside)}")
-        tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log)
-        ids = [prepared.outside.index(d.source) for d in docs]
-        prepared.outside_rows = pack_eval_rows(make_segments(tokens, ids, data.seq_len, data.long_docs), data.seq_len, data.packing)
+    prepared = Prepared(mixture, _segments(mixture.train, mixture.sources, tokenizer, data, log),
+                        pack_eval_rows(_segments(mixture.val, mixture.sources, tokenizer, data, log), data.seq_len, data.packing))
+    if forgetting_sources:
+        prepared.forgetting_sources = list(forgetting_sources)
+        docs = [d for name, spec in forgetting_sources.items() for d in load_documents(name, spec, data, data.cap_for(spec))]
+        log(f"  forgetting sources (never trained on): {', '.join(f'{n} {sum(d.source == n for d in docs)}' for n in forgetting_sources)}")
+        segments = _segments(docs, prepared.forgetting_sources, tokenizer, data, log)
+        prepared.forgetting_rows = pack_eval_rows(segments, data.seq_len, data.packing)
     return prepared
+
+
+def _segments(docs: list[Document], sources: list[str], tokenizer, data: DataConfig, log) -> list[Segment]:
+    """Documents -> token segments of at most seq_len, each tagged with its source's index in `sources`."""
+    tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log)
+    return make_segments(tokens, [sources.index(d.source) for d in docs], data.seq_len, data.long_docs)
 
 
 def _with_local_dir(data: DataConfig, local_dir: str) -> DataConfig:

@@ -11,26 +11,12 @@ import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from loramix.config import DataConfig, SourceConfig
 from loramix.errors import LoramixError
-
-if TYPE_CHECKING:
-    from loramix.config import DataConfig, SourceConfig
-
-# The seed's eight datasets. Templates use the datasets' own field names (Python format syntax).
-BUILTIN_SOURCES: dict[str, dict] = {
-    "wikitext": {"hub_id": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "template": "{text}"},
-    "tinystories": {"hub_id": "roneneldan/TinyStories", "template": "{text}"},
-    "ag_news": {"hub_id": "ag_news", "template": "{text}"},
-    "yelp_review_full": {"hub_id": "yelp_review_full", "template": "{text}"},
-    "cnn_dailymail": {"hub_id": "cnn_dailymail", "subset": "3.0.0", "template": "{article}\n\nSummary: {highlights}"},
-    "xsum": {"hub_id": "xsum", "template": "{document}\n\nSummary: {summary}"},
-    "squad": {"hub_id": "squad", "template": "{context}\n\nQuestion: {question}\nAnswer: {answers[text][0]}"},
-    "imdb": {"hub_id": "imdb", "template": "{text}"},
-}
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _CHUNK = 2048  # rows rendered per slice: sampling a 2M-row split never materialises it as Python objects
@@ -44,11 +30,18 @@ class Document:
 
 
 def source_path(name: str, spec: SourceConfig, data: DataConfig) -> Path | None:
-    """The local file a source reads, if any: its own `path`, else `<local_dir>/<name>.jsonl`."""
+    """The local file a source reads, if any: its own `path`, else `<local_dir>/<name>.jsonl`.
+
+    Raises:
+        LoramixError: data.local_dir names a file (the missing-file error would point inside it).
+    """
     if spec.path:
         return Path(spec.path).expanduser()
     if data.local_dir:
-        return Path(data.local_dir).expanduser() / f"{name}.jsonl"
+        folder = Path(data.local_dir).expanduser()
+        if folder.is_file():
+            raise LoramixError(f"data.local_dir={data.local_dir} is a file, not a folder; point it at a folder of <source>.jsonl files such as {name}.jsonl")
+        return folder / f"{name}.jsonl"
     return None
 
 
@@ -137,20 +130,30 @@ def _load_local(name: str, path: Path):
 
 
 def _check_text_file(name: str, path: Path, jsonl: bool) -> None:
-    """Name the file and line of the first encoding or JSON Lines error (datasets' own errors do not)."""
+    """Name the file and line of the first encoding or JSON Lines error, and call a blank file empty
+    (datasets' own errors name neither, and say just "StopIteration" for an empty file)."""
+    empty = True
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise LoramixError(f"source '{name}': {path} line {lineno} is not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from e
-            if jsonl and line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LoramixError(f"source '{name}': {path} line {lineno} is not valid JSON ({e.msg}, column {e.colno}); fix that line") from e
-                if not isinstance(row, dict):
-                    raise LoramixError(f"source '{name}': {path} line {lineno} is not a JSON object; each line must be {{\"field\": ...}}")
+            if line.strip():
+                empty = False
+                if jsonl:
+                    _check_json_line(name, path, lineno, line)
+    if empty:
+        raise LoramixError(f"source '{name}': {path} is empty; add rows or drop the source")
+
+
+def _check_json_line(name: str, path: Path, lineno: int, line: str) -> None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LoramixError(f"source '{name}': {path} line {lineno} is not valid JSON ({e.msg}, column {e.colno}); fix that line") from e
+    if not isinstance(row, dict):
+        raise LoramixError(f"source '{name}': {path} line {lineno} is not a JSON object; each line must be {{\"field\": ...}}")
 
 
 def _short(e: Exception) -> str:

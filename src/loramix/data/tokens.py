@@ -7,13 +7,13 @@ tokenizer can never reuse stale tokens; the same data on a second run skips toke
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
 from loramix.data.sources import Document
 from loramix.errors import LoramixError
+from loramix.files import replacing
 
 
 def tokenize_documents(docs: list[Document], tokenizer, cache_dir: str, log=print) -> list[np.ndarray]:
@@ -52,6 +52,5 @@ def _cache_key(tokenizer, texts: list[str]) -> str:
 def _save_atomic(path: Path, **arrays) -> None:
     """A cache file is either complete or absent: a killed run never leaves a torn one behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        np.savez(tmp, **arrays)

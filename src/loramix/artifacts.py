@@ -1,0 +1,253 @@
+"""What a directory is and how to load it, and how a run directory is written: the one place every
+command (train, eval, merge, generate, serve, report) asks.
+
+Kinds of directory:
+  run      a `loramix train` run dir: config.yaml, manifest.json, run.json, metrics.jsonl, and once it
+           finished, adapter/ and eval.json. It describes itself: its base is rebuilt from config.yaml
+           and checked against the fingerprint in run.json.
+  adapter  a stock PEFT adapter dir (adapter_config.json naming its base in base_model_name_or_path),
+           e.g. a run's adapter/ or one saved by `get_peft_model(...).save_pretrained`.
+  model    a Hugging Face model dir (config.json): a base model, or the output of `loramix merge`.
+
+    runs/<name>/
+      config.yaml        resolved config (what `eval`, `merge`, `report` rebuild from)
+      manifest.json      per-source counts and hashes of the selected example ids
+      run.json           status (running / finished / failed), versions, hardware, plan, base fingerprint
+      metrics.jsonl      one JSON object per logged event (train / eval)
+      adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors
+      eval.json          final validation metrics; written last, so its presence marks a finished run
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from loramix.config import Config, ModelConfig, load_config
+from loramix.data.prepare import prepare_data
+from loramix.errors import LoramixError
+from loramix.evaluate import EvalResult
+from loramix.files import read_json, replacing, write_atomic, write_json
+from loramix.model import base_fingerprint, load_adapter, load_base_model, load_tokenizer
+from loramix.tracking import read_metrics
+
+RUN, ADAPTER, MODEL = "run", "adapter", "model"
+_MARKERS = {RUN: "config.yaml", ADAPTER: "adapter_config.json", MODEL: "config.json"}
+_DESCRIBED = {RUN: "a loramix run dir (config.yaml)", ADAPTER: "a PEFT adapter dir (adapter_config.json)",
+              MODEL: "a model dir (config.json)"}
+
+
+def kind_of(path: Path) -> str | None:
+    """'run', 'adapter' or 'model' by the file that marks each kind (checked in that order), else None."""
+    return next((kind for kind, marker in _MARKERS.items() if (Path(path) / marker).is_file()), None)
+
+
+def require(path: Path, accept: tuple[str, ...]) -> str:
+    """The kind of `path`, which must be one of `accept`.
+
+    Raises:
+        LoramixError: naming the kinds accepted and the file that marks each.
+    """
+    kind = kind_of(path)
+    if kind not in accept:
+        wanted = " nor ".join(_DESCRIBED[k] for k in accept)
+        raise LoramixError(f"{path} is neither {wanted}; pass the --run-dir of a `loramix train` run" if len(accept) > 1
+                           else f"{path} is not {wanted}; pass the --run-dir of a `loramix train` run")
+    return kind
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
+    """The config a run was trained with (and `overrides` applied to it)."""
+    require(run_dir, (RUN,))
+    return load_config(Path(run_dir) / _MARKERS[RUN], overrides)
+
+
+def read_status(run_dir: Path) -> dict:
+    """run.json (empty before the run wrote one)."""
+    path = Path(run_dir) / "run.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def adapter_path(source: Path) -> Path:
+    """The PEFT adapter dir of a run dir or adapter dir."""
+    source = Path(source)
+    if require(source, (RUN, ADAPTER)) == ADAPTER:
+        return source
+    if not (source / "adapter" / _MARKERS[ADAPTER]).is_file():
+        raise LoramixError(f"{source} has no adapter yet (unfinished run?); train it to the end first")
+    return source / "adapter"
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model an adapter names (None: it names none, e.g. a random-init base)."""
+    return read_json(Path(adapter_dir) / _MARKERS[ADAPTER]).get("base_model_name_or_path") or None
+
+
+def load_inputs(cfg: Config, log=print):
+    """Tokenizer, prepared data and base model of a config: `train` and `eval` see the same data."""
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, log, cfg.eval.forgetting_sources)
+    return tokenizer, data, load_base_model(cfg.model, cfg.data.seq_len)
+
+
+def base_model_config(source: Path) -> tuple[ModelConfig, int]:
+    """How to build the base of a run dir or adapter dir, and the sequence length to check it for."""
+    if require(source, (RUN, ADAPTER)) == RUN:
+        cfg = load_run_config(source)
+        return cfg.model, cfg.data.seq_len
+    name = adapter_base(source)
+    if name is None:
+        raise LoramixError(f"{source}/adapter_config.json names no base model; set base_model_name_or_path in it")
+    return ModelConfig(name=name), 1
+
+
+def attach_trained(source: Path, base, adapter_name: str = "default"):
+    """The adapter of a run dir or adapter dir on `base`; for a run, `base` must be the one it trained.
+
+    Raises:
+        LoramixError: no adapter yet, or a base other than the run's.
+    """
+    adapter = adapter_path(source)
+    _check_base(source, base_fingerprint(base), base.config.name_or_path or "the base model")
+    return load_adapter(base, adapter, adapter_name=adapter_name)
+
+
+def _check_base(source: Path, fingerprint: str, name: str) -> None:
+    expected = read_status(source).get("base_fingerprint") if kind_of(source) == RUN else None
+    if expected and fingerprint != expected:
+        raise LoramixError(f"{name} differs from the base {source} was trained on; restore that base model")
+
+
+def load_tuned(source: Path, adapter_name: str = "default"):
+    """(PeftModel, tokenizer) for a run dir or a stock PEFT adapter dir, its base rebuilt."""
+    mc, seq_len = base_model_config(source)
+    return attach_trained(source, load_base_model(mc, seq_len), adapter_name), load_tokenizer(mc)
+
+
+def load_for_generation(source: Path):
+    """(model in eval mode, tokenizer) from a run dir or adapter dir (the adapter merged in memory) or a model dir."""
+    if require(source, (RUN, ADAPTER, MODEL)) == MODEL:
+        mc = ModelConfig(name=str(source))
+        return load_base_model(mc, seq_len=1).eval(), load_tokenizer(mc)
+    model, tokenizer = load_tuned(source)
+    return model.merge_and_unload().eval(), tokenizer
+
+
+def load_adapters(sources: list[Path]):
+    """(PeftModel with one adapter per source, named by its dir, tokenizer, names) for run dirs and
+    adapter dirs that share one base.
+
+    Raises:
+        LoramixError: names that clash (or are 'base'), or adapters of different bases.
+    """
+    names = [Path(s).name for s in sources]
+    if len(set(names)) != len(names) or "base" in names:
+        raise LoramixError(f"adapters are named by their dirs ({', '.join(names)}): the names must differ and not be 'base'; rename a dir")
+    mc, seq_len = base_model_config(sources[0])
+    base = load_base_model(mc, seq_len)
+    fingerprint = base_fingerprint(base)  # of the bare base, as runs record it
+    model, tokenizer = attach_trained(sources[0], base, names[0]), load_tokenizer(mc)
+    for source, name in zip(sources[1:], names[1:]):
+        # A run records its base's fingerprint: compare that, and build the base only for adapter dirs.
+        theirs = read_status(source).get("base_fingerprint") if kind_of(source) == RUN else None
+        if theirs is None:
+            theirs = base_fingerprint(load_base_model(*base_model_config(source)))
+        if theirs != fingerprint:
+            raise LoramixError(f"{source} was trained on another base than {sources[0]}; serve adapters of one base together")
+        model.load_adapter(str(adapter_path(source)), adapter_name=name)
+    return model, tokenizer, names
+
+
+@dataclass
+class Run:
+    """A run dir as the report reads it."""
+
+    name: str
+    path: Path
+    config: Config
+    manifest: dict
+    status: dict
+    metrics: list[dict]
+    eval: EvalResult | None
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    if kind_of(path) != RUN or not (path / "metrics.jsonl").is_file():
+        raise LoramixError(f"{path} is not a loramix run dir with metrics (config.yaml, metrics.jsonl); pass the --run-dir of a `loramix train` run")
+    manifest = path / "manifest.json"
+    result = path / "eval.json"
+    return Run(name=path.name, path=path, config=load_run_config(path),
+               manifest=read_json(manifest) if manifest.is_file() else {"sources": {}}, status=read_status(path),
+               metrics=read_metrics(path), eval=EvalResult.from_dict(read_json(result)) if result.is_file() else None)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... when taken: a second demo never clobbers the first."""
+    path, k = root / name, 1
+    while path.exists() and any(path.iterdir()):
+        k += 1
+        path = root / f"{name}-{k}"
+    return path
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> Path:
+    """Create an empty run dir; refuse to mix into an existing run unless told to replace it."""
+    if path.exists() and not path.is_dir():
+        raise LoramixError(f"run dir {path} is a file; pick another --run-dir")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise LoramixError(f"run dir {path} already holds a run; pick another --run-dir or pass --overwrite to replace it")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoramixError(f"cannot create run dir {path} ({e.strerror}); pick a writable --run-dir") from e
+    return path
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    write_atomic(Path(run_dir) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def write_status(run_dir: Path, status: dict) -> None:
+    write_json(Path(run_dir) / "run.json", status)
+
+
+def save_adapter(model, run_dir: Path) -> Path:
+    """PEFT's own save_pretrained, renamed into place whole."""
+    with replacing(Path(run_dir) / "adapter") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    return Path(run_dir) / "adapter"
+
+
+def save_eval(run_dir: Path, result: EvalResult) -> None:
+    """eval.json: written last, so its presence marks a finished run."""
+    write_json(Path(run_dir) / "eval.json", result.to_dict())
+
+
+def environment() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
