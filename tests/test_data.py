@@ -87,9 +87,10 @@ def test_eos_appended_and_tokens_cached(tmp_path, tokenizer):
     docs = [Document("a", 0, "Hello world"), Document("a", 1, "Hi")]
     logs = []
     first = tokenize_documents(docs, tokenizer, str(tmp_path), logs.append)
-    assert [t.tolist() for t in first] == [[15496, 995, 50256], [17250, 50256]]
+    assert [t.ids.tolist() for t in first] == [[15496, 995, 50256], [17250, 50256]]
+    assert [t.bytes.tolist() for t in first] == [[5, 6, 0], [2, 0]]  # "Hello", " world", EOS
     second = tokenize_documents(docs, tokenizer, str(tmp_path), logs.append)
-    assert "from cache" in logs[-1] and [t.tolist() for t in second] == [t.tolist() for t in first]
+    assert "from cache" in logs[-1] and [t.ids.tolist() for t in second] == [t.ids.tolist() for t in first]
 
 
 def test_targets_keep_eos_and_skip_padding():
@@ -114,7 +115,9 @@ def test_packed_row_targets_never_cross_documents():
 
 
 def test_truncate_or_split_long_documents():
-    toks = [np.arange(10, dtype=np.int32), np.arange(3, dtype=np.int32)]
+    from loramix.data.tokens import Tokens
+
+    toks = [Tokens(np.arange(10, dtype=np.int32), np.ones(10, np.int32), 1), Tokens(np.arange(3, dtype=np.int32), np.ones(3, np.int32), 1)]
     trunc = make_segments(toks, [0, 1], seq_len=4, long_docs="truncate")
     assert [s.tokens.tolist() for s in trunc] == [[0, 1, 2, 3], [0, 1, 2]]
     split = make_segments(toks, [0, 1], seq_len=4, long_docs="split")

@@ -6,7 +6,7 @@ import torch
 
 from loramix.config import load_config
 from loramix.data.packing import IGNORE, Batching, Segment, best_fit_decreasing, collate, epoch_steps, pack_eval_rows
-from loramix.evaluate import evaluate, token_byte_lengths
+from loramix.evaluate import evaluate
 from loramix.loss import attention_mask, token_nll
 from loramix.model import load_base_model, load_tokenizer
 
@@ -97,10 +97,9 @@ def test_packed_and_unpacked_per_document_losses_match():
 
 def test_packed_eval_equals_unpacked_eval():
     model = _tiny()
-    tb = token_byte_lengths(load_tokenizer(load_config(None).model))
     docs = _docs([20, 3, 57, 11, 8, 30, 2, 44, 64, 1])
-    a = evaluate(model, pack_eval_rows(docs, 64, True), ["a", "b", "c"], tb, "cpu", 50256, batch_size=2)
-    b = evaluate(model, pack_eval_rows(docs, 64, False), ["a", "b", "c"], tb, "cpu", 50256, batch_size=3)
+    a = evaluate(model, pack_eval_rows(docs, 64, True), ["a", "b", "c"], "cpu", 50256, batch_size=2)
+    b = evaluate(model, pack_eval_rows(docs, 64, False), ["a", "b", "c"], "cpu", 50256, batch_size=3)
     assert a.rows < b.rows and a.samples == b.samples == 10
     for name in ["a", "b", "c"]:
         assert a.per_source[name].loss == pytest.approx(b.per_source[name].loss, rel=1e-5)
@@ -119,7 +118,7 @@ def test_real_samples_packed_and_unpacked_validation_loss_agree(cache_dir):
                                  f"data.packing={str(packing).lower()}", f"data.cache_dir={cache_dir}"])
         tok = load_tokenizer(cfg.model)
         data = prepare_data(cfg.data, tok, log=lambda *a: None)
-        results[packing] = evaluate(model, data.val_rows, data.mixture.sources, token_byte_lengths(tok), "cpu", tok.eos_token_id, 8)
+        results[packing] = evaluate(model, data.val_rows, data.mixture.sources, "cpu", tok.eos_token_id, 8)
     p, u = results[True], results[False]
     assert p.rows < u.rows / 2
     assert p.overall.tokens == u.overall.tokens

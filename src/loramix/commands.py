@@ -11,7 +11,7 @@ from pathlib import Path
 from loramix import artifacts
 from loramix.config import Config, load_config
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult, Scorer, forgetting_check, token_byte_lengths
+from loramix.evaluate import EvalResult, Scorer, forgetting_check
 from loramix.generate import Sampling, generate
 from loramix.model import compile_body
 from loramix.runtime import autocast_for, init_distributed, resolve_device, resolve_precision
@@ -79,7 +79,7 @@ def evaluate_source(source: Path, preset: str | None = None, overrides: list[str
     # forgetting check needs the adapter switchable, so it keeps it apart.
     model = (model if comparing else model.merge_and_unload()).to(device)
     compile_body(model, cfg.train.compile, device)
-    score = Scorer(model, token_byte_lengths(tokenizer), device, tokenizer.eos_token_id, cfg.eval.batch_size,
+    score = Scorer(model, device, tokenizer.eos_token_id, cfg.eval.batch_size,
                    autocast_for(device, resolve_precision(cfg.train.precision, device)), dist, progress and dist.main)
     result = score(data.val_rows, data.mixture.sources)
     score.progress = False

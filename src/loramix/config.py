@@ -29,9 +29,10 @@ BUILTIN_SOURCES: dict[str, dict] = {
     "tinystories": {"hub_id": "roneneldan/TinyStories", "template": "{text}"},
     "ag_news": {"hub_id": "ag_news", "template": "{text}"},
     "yelp_review_full": {"hub_id": "yelp_review_full", "template": "{text}"},
-    "cnn_dailymail": {"hub_id": "cnn_dailymail", "subset": "3.0.0", "template": "{article}\n\nSummary: {highlights}"},
-    "xsum": {"hub_id": "xsum", "template": "{document}\n\nSummary: {summary}"},
-    "squad": {"hub_id": "squad", "template": "{context}\n\nQuestion: {question}\nAnswer: {answers[text][0]}"},
+    "cnn_dailymail": {"hub_id": "cnn_dailymail", "subset": "3.0.0", "template": "{article}\n\nSummary: {highlights}", "prompt": "{article}\n\nSummary:"},
+    "xsum": {"hub_id": "xsum", "template": "{document}\n\nSummary: {summary}", "prompt": "{document}\n\nSummary:"},
+    "squad": {"hub_id": "squad", "template": "{context}\n\nQuestion: {question}\nAnswer: {answers[text][0]}",
+              "prompt": "{context}\n\nQuestion: {question}\nAnswer:"},
     "imdb": {"hub_id": "imdb", "template": "{text}"},
 }
 
@@ -82,11 +83,12 @@ def F(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclas
 
 @_section
 class ModelConfig:
-    name: str = F("gpt2", "base model: a Hugging Face Hub id or a local model directory")
+    name: str = F("gpt2", "base model: a Hugging Face Hub id or a local model directory (GPT-2, Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-NeoX, OPT)")
     init: Choice[Literal["pretrained", "random"]] = F("pretrained", "'pretrained' loads weights; 'random' builds the same architecture with seeded random weights")
-    n_layer: Positive[Int] | None = F(None, "override the number of layers (random init only)")
-    n_embd: Positive[Int] | None = F(None, "override the hidden width (random init only)")
-    n_head: Positive[Int] | None = F(None, "override the number of attention heads (random init only)")
+    n_layer: Positive[Int] | None = F(None, "GPT-2: override the number of layers (random init only)")
+    n_embd: Positive[Int] | None = F(None, "GPT-2: override the hidden width (random init only)")
+    n_head: Positive[Int] | None = F(None, "GPT-2: override the number of attention heads (random init only)")
+    config: dict[str, Any] = F(doc="random init only: the family's own config keys, e.g. {num_hidden_layers: 2, hidden_size: 64}", factory=dict)
     seed: Int = F(0, "seed for random init, so `eval`/`merge` rebuild the same base")
     dropout: Unit | None = F(None, "the base model's own dropout (GPT-2: 0.1 on embeddings, attention, residuals); null keeps it")
     attention: Choice[Literal["sdpa", "flash_attention_2"]] = F("sdpa", "'sdpa': block-diagonal mask for packed rows (any device); 'flash_attention_2': varlen kernels on CUDA (needs flash-attn)")
@@ -97,8 +99,11 @@ class LoraConfig:
     r: Positive[Int] = F(8, "LoRA rank")
     alpha: Positive[Float] = F(16.0, "LoRA alpha (scale = alpha / r)")
     dropout: Unit = F(0.1, "dropout on the LoRA input, in [0, 1)")
-    targets: Names = F(doc="module names to adapt ('c_proj' hits both attention and MLP projections)", factory=lambda: ["c_attn", "c_proj"])
+    targets: Names = F(doc="module names to adapt; [auto]: GPT-2's c_attn + c_proj (the seed's), other families' attention and MLP projections, never the LM head", factory=lambda: ["auto"])
     bias: Choice[Literal["none", "all", "lora_only"]] = F("none", "which biases train")
+    use_dora: bool = F(False, "DoRA: weight-decomposed LoRA (PEFT's use_dora)")
+    use_rslora: bool = F(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)")
+    init: Choice[Literal["true", "gaussian", "pissa", "olora"]] = F("true", "PEFT's init_lora_weights: true (B = 0), gaussian, pissa or olora (the last two move the principal part of the base weights into the adapter; the saved adapter is converted back to plain LoRA on the original base)")
 
 
 @_section
@@ -107,6 +112,7 @@ class SourceConfig:
     subset: str | None = F(None, "dataset config name, e.g. 'wikitext-103-raw-v1'")
     split: str = F("train", "split to read")
     template: str = F("{text}", "Python format string over the row's fields: '{article}\\n\\nSummary: {highlights}'")
+    prompt: str | None = F(None, "the prompt part of the template (a prefix of it), e.g. '{article}\\n\\nSummary:'; with data.loss_on=completion only the rest is scored")
     path: str | None = F(None, "local file instead of the Hub (.jsonl, .json, .csv, .parquet, .txt)")
     cap: Positive[Int] | None = F(None, "max examples from this source (default: data.cap)")
     weight: Positive[Float] = F(1.0, "training share multiplier: 2.0 repeats the source's training examples twice")
@@ -137,6 +143,8 @@ class DataConfig:
     val_share: Share = F(0.15, "share of each source held out for validation, in (0, 1)")
     seq_len: Positive[Int] = F(512, "tokens per sequence")
     long_docs: Choice[Literal["truncate", "split"]] = F("truncate", "documents longer than seq_len: keep the head, or split into several sequences")
+    loss_on: Choice[Literal["all", "completion"]] = F("all", "'all': loss on the whole text (the seed's); 'completion': only on what follows a source's prompt (squad's answer, the summaries), in training and in the metrics")
+    chat_template: bool = F(False, "format sources that have a prompt through the tokenizer's chat template (user: prompt, assistant: the rest)")
     packing: bool = F(True, "pack several documents per row (each attends only to itself, positions restart); false pads one per row")
     pack_window: Positive[Int] = F(2048, "documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)")
     seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")

@@ -15,31 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from loramix.data.packing import IGNORE, Row, collate
 from loramix.errors import LoramixError
 from loramix.loss import token_nll
 from loramix.runtime import Dist
-
-
-def token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (special tokens: 0).
-
-    For byte-level BPE (GPT-2) every character of a vocabulary entry is one byte, so the length of the
-    entry is exact even for tokens holding part of a multi-byte character; other tokenizers decode.
-    """
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    byte_chars = set(ByteLevel.alphabet())  # the 256 characters byte-level BPE uses, one per byte
-    special = set(tokenizer.all_special_ids)
-    lengths = np.zeros(len(tokenizer), dtype=np.int64)
-    for token, i in tokenizer.get_vocab().items():
-        if i in special or i >= len(lengths):
-            continue
-        lengths[i] = len(token) if set(token) <= byte_chars else len(tokenizer.decode([i]).encode("utf-8"))
-    return lengths
 
 
 @dataclass
@@ -110,7 +91,7 @@ class EvalResult(Scores):
         return TypeAdapter(cls).validate_python(raw)
 
 
-def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int,
+def evaluate(model, rows: list[Row], sources: list[str], device, pad_id: int,
              batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist(), progress: bool = False) -> EvalResult:
     """Metrics overall and per source over `rows`, plus throughput; the model's train/eval mode is restored.
 
@@ -125,7 +106,7 @@ def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray
     size = batch_size or (128 if torch.device(device).type == "cuda" else 8)
     while True:
         try:
-            return _evaluate(model, rows[dist.rank :: dist.world], sources, token_bytes, device, pad_id, size, autocast, dist, progress)
+            return _evaluate(model, rows[dist.rank :: dist.world], sources, device, pad_id, size, autocast, dist, progress)
         except torch.OutOfMemoryError:
             if batch_size or size == 1 or dist.world > 1:
                 raise LoramixError(f"evaluation ran out of GPU memory at {size} rows per batch; set a smaller eval.batch_size") from None
@@ -134,7 +115,7 @@ def evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray
 
 
 @torch.no_grad()
-def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarray, device, pad_id: int, size: int, autocast,
+def _evaluate(model, rows: list[Row], sources: list[str], device, pad_id: int, size: int, autocast,
               dist: Dist, progress: bool) -> EvalResult:
     from tqdm.auto import tqdm
 
@@ -144,7 +125,6 @@ def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarra
     nll_sum = torch.zeros(S, dtype=torch.float64, device=device)
     tok_sum = torch.zeros(S, dtype=torch.int64, device=device)
     byte_sum = torch.zeros(S, dtype=torch.int64, device=device)
-    bytes_of = torch.from_numpy(token_bytes).to(device)
     samples = 0
     start = time.perf_counter()
     for i in tqdm(range(0, len(rows), size), desc="eval", unit="batch", leave=False, disable=not progress):
@@ -155,7 +135,7 @@ def _evaluate(model, rows: list[Row], sources: list[str], token_bytes: np.ndarra
         src = batch.target_source[keep]
         nll_sum.index_add_(0, src, nll[keep].double())
         tok_sum.index_add_(0, src, torch.ones_like(src))
-        byte_sum.index_add_(0, src, bytes_of[batch.targets[keep]])
+        byte_sum.index_add_(0, src, batch.target_bytes[keep])
         samples += batch.n_docs
     # One exact all-reduce of the token-weighted sums (float64 holds the integer counts exactly).
     sums = dist.all_sum(torch.cat([nll_sum, tok_sum.double(), byte_sum.double(), torch.tensor([samples, len(rows)], dtype=torch.float64, device=device)]))
@@ -175,7 +155,6 @@ class Scorer:
     """`evaluate` with the model and its settings bound; remembers the batch size that fitted."""
 
     model: object
-    token_bytes: np.ndarray
     device: torch.device
     pad_id: int
     batch_size: int | None = None
@@ -186,7 +165,7 @@ class Scorer:
     def __call__(self, rows: list[Row], sources: list[str], adapter: bool = True) -> EvalResult:
         """Score `rows`; with `adapter=False`, the base model (the PEFT adapter disabled)."""
         with contextlib.nullcontext() if adapter else self.model.disable_adapter():
-            result = evaluate(self.model, rows, sources, self.token_bytes, self.device, self.pad_id, self.batch_size,
+            result = evaluate(self.model, rows, sources, self.device, self.pad_id, self.batch_size,
                               self.autocast, self.dist, self.progress)
         self.batch_size = result.batch_size
         return result

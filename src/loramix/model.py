@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,38 +71,65 @@ def _local_gpt2(path: str) -> bool:
     return cfg.is_file() and '"gpt2"' in cfg.read_text(encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Family:
+    """A `transformers` model type loramix supports, each proven by tests/test_families.py."""
+
+    name: str  # as the README's family table names it
+    example: str  # a Hub id of the family, for the README
+
+
+FAMILIES = {
+    "gpt2": Family("GPT-2", "gpt2"),
+    "llama": Family("Llama (SmolLM, TinyLlama, Llama 3)", "HuggingFaceTB/SmolLM2-135M"),
+    "mistral": Family("Mistral", "mistralai/Mistral-7B-v0.3"),
+    "qwen2": Family("Qwen2", "Qwen/Qwen2.5-0.5B"),
+    "qwen3": Family("Qwen3", "Qwen/Qwen3-0.6B"),
+    "gemma2": Family("Gemma 2", "google/gemma-2-2b"),
+    "gemma3_text": Family("Gemma 3", "google/gemma-3-270m"),
+    "phi3": Family("Phi-3", "microsoft/Phi-3-mini-4k-instruct"),
+    "gpt_neox": Family("GPT-NeoX (Pythia)", "EleutherAI/pythia-70m"),
+    "opt": Family("OPT", "facebook/opt-125m"),
+}
+# GPT-2's own names for the sizes (model.n_layer, ...), kept for the seed preset and the README.
+_GPT2_SIZES = ("n_layer", "n_embd", "n_head")
+
+
+def family_of(config) -> Family:
+    """The family of a transformers config; one line naming the supported ones otherwise."""
+    if config.model_type not in FAMILIES:
+        raise LoramixError(f"model type '{config.model_type}' is not supported; loramix supports: {', '.join(FAMILIES)}")
+    return FAMILIES[config.model_type]
+
+
 def load_base_model(mc: ModelConfig, seq_len: int):
-    """The base causal LM in fp32 (autocast handles mixed precision), with SDPA attention.
+    """The base causal LM in fp32 (autocast handles mixed precision), with SDPA attention where the
+    family has it (eager otherwise).
 
     Raises:
-        LoramixError: missing local dir, unreachable Hub model, size overrides with pretrained weights,
-            or a sequence length beyond the model's positions.
+        LoramixError: missing local dir, unreachable Hub model, an unsupported model type, size
+            overrides with pretrained weights or naming keys the family lacks, or a sequence length
+            beyond the model's positions.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM
 
     name = _resolve(mc)
-    sizes = {k: v for k in ("n_layer", "n_embd", "n_head") if (v := getattr(mc, k)) is not None}
+    overrides = {**{k: v for k, v in ((k, getattr(mc, k)) for k in _GPT2_SIZES) if v is not None}, **mc.config}
     if mc.init == "pretrained":
-        if sizes:
-            raise LoramixError(f"size overrides ({', '.join(f'model.{k}' for k in sizes)}) need model.init=random; pretrained weights have a fixed shape")
+        if overrides:
+            keys = ", ".join(f"model.{k}" if k in _GPT2_SIZES else f"model.config.{k}" for k in overrides)
+            raise LoramixError(f"{keys} need model.init=random; pretrained weights have a fixed shape")
+        config = _hub_config(name, mc.name)
+        family_of(config)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=_attention(mc), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=_attention(mc, config), dtype=torch.float32)
         except OSError as e:
             raise LoramixError(f"cannot load model '{name}' from the Hub or its cache; go online once, point model.name at a local dir, or use model.init=random") from e
     else:
-        try:
-            config = AutoConfig.from_pretrained(name, local_files_only=True)
-        except (OSError, ValueError):
-            if not _gpt2_family(mc.name):
-                raise LoramixError(f"no config for '{name}' in the HF cache; model.init=random works offline for gpt2, or point model.name at a local dir") from None
-            config = GPT2Config()  # the defaults are GPT-2 124M
-        for k, v in sizes.items():
-            setattr(config, k, v)
-        if config.n_embd % config.n_head:
-            raise LoramixError(f"model.n_embd={config.n_embd} is not divisible by model.n_head={config.n_head}; pick sizes that divide")
+        config = _random_config(name, mc.name, overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mc.seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(mc), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(mc, config), dtype=torch.float32)
     _fuse_gelu(model)
     if mc.dropout is not None:
         for module in model.modules():
@@ -110,6 +139,58 @@ def load_base_model(mc: ModelConfig, seq_len: int):
     if n_pos is not None and seq_len > n_pos:
         raise LoramixError(f"data.seq_len={seq_len} is beyond the model's {n_pos} positions; set data.seq_len<={n_pos}")
     return model
+
+
+def _hub_config(name: str, given: str):
+    """The model's config from a local dir or the HF cache (GPT-2 124M's defaults for a GPT-2 name offline)."""
+    from transformers import AutoConfig, GPT2Config
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        if _gpt2_family(given):
+            return GPT2Config()
+        try:
+            return AutoConfig.from_pretrained(name)
+        except (OSError, ValueError):
+            raise LoramixError(f"no config for '{name}' in the HF cache and the Hub is out of reach; go online once, "
+                               "or point model.name at a local dir holding its config.json") from None
+
+
+def _random_config(name: str, given: str, overrides: dict):
+    """The family's config with the size overrides applied at construction, so values derived from them
+    (a head size from the width, say) follow; unknown keys fail naming the family's own."""
+    from transformers import CONFIG_MAPPING
+
+    base = _hub_config(name, given)
+    family_of(base)
+    cls = CONFIG_MAPPING[base.model_type]
+    known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    wrong = sorted(k for k in overrides if k not in known)
+    if wrong:
+        sizes = [k for k in _SIZE_KEYS if k in known]
+        prefix = "model." if base.model_type == "gpt2" else "model.config."
+        raise LoramixError(f"{', '.join('model.config.' + k for k in wrong)}: not a setting of {base.model_type} models; "
+                           f"its size settings are {', '.join(prefix + k for k in sizes)}")
+    if any(k in _GPT2_SIZES for k in overrides) and base.model_type != "gpt2":
+        raise LoramixError(f"model.n_layer/n_embd/n_head are GPT-2's names; for {base.model_type} use model.config.num_hidden_layers, "
+                           "model.config.hidden_size, model.config.num_attention_heads")
+    raw = base.to_diff_dict()
+    derived = getattr(inspect.signature(cls).parameters.get("head_dim"), "default", 0) is None
+    if derived and "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & set(overrides):
+        raw.pop("head_dim", None)  # the family derives it from the width and heads: let the new ones decide
+    try:
+        config = cls.from_dict({**raw, **overrides})
+    except (ValueError, TypeError) as e:
+        raise LoramixError(f"model config overrides {overrides} do not make a valid {base.model_type} model ({e}); fix the sizes") from e
+    heads = getattr(config, "num_attention_heads", None)
+    if heads and config.hidden_size % heads and not getattr(config, "head_dim", None):
+        raise LoramixError(f"hidden size {config.hidden_size} is not divisible by {heads} attention heads; pick sizes that divide")
+    return config
+
+
+_SIZE_KEYS = ("n_layer", "n_embd", "n_head", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "ffn_dim", "head_dim", "vocab_size", "max_position_embeddings", "sliding_window")
 
 
 def _fuse_gelu(model) -> None:
@@ -123,22 +204,48 @@ def _fuse_gelu(model) -> None:
                 setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
 
 
-def _attention(mc: ModelConfig) -> str:
+def _attention(mc: ModelConfig, config) -> str:
+    """The attention implementation: as configured, but eager for a family without SDPA (Gemma 2,
+    whose attention logit soft-capping SDPA cannot do); both take the packed rows' masks."""
+    from transformers import AutoModelForCausalLM
+
     if mc.attention == "flash_attention_2":
         import importlib.util
 
         if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
             raise LoramixError("model.attention=flash_attention_2 needs a CUDA GPU and the flash-attn package; use model.attention=sdpa")
-    return mc.attention
+        return mc.attention
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    return "sdpa" if model_class._supports_sdpa else "eager"
 
 
-def peft_lora_config(lc: LoraConfig):
+def lora_targets(model, targets: list[str]) -> tuple[list[str], bool]:
+    """The module names to adapt and whether their weights are stored transposed (GPT-2's Conv1D,
+    decided by the modules' type, not the model's name).
+
+    Raises:
+        LoramixError: targets that match no linear module (naming the ones there are).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    linear = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head}
+    if list(targets) == ["auto"]:  # GPT-2: the seed's choice; others: every projection (PEFT's all-linear idea)
+        targets = ["c_attn", "c_proj"] if model.config.model_type == "gpt2" else sorted(linear)
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        raise LoramixError(f"lora.targets {', '.join(missing)} match no linear module of this model; its modules are: {', '.join(sorted(linear))}")
+    return list(targets), all(isinstance(linear[t], Conv1D) for t in targets)
+
+
+def peft_lora_config(model, lc: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
-    # GPT-2 stores Conv1D weights transposed: say so instead of relying on PEFT's warn-and-flip.
+    targets, transposed = lora_targets(model, lc.targets)
     return PeftLoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.targets),
-        bias=lc.bias, fan_in_fan_out=True, task_type="CAUSAL_LM",
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, bias=lc.bias,
+        fan_in_fan_out=transposed, use_dora=lc.use_dora, use_rslora=lc.use_rslora,
+        init_lora_weights=True if lc.init == "true" else lc.init, task_type="CAUSAL_LM",
     )
 
 
@@ -146,12 +253,10 @@ def attach_lora(model, lc: LoraConfig, seed: int):
     """Wrap the base model with fresh LoRA weights (seeded init)."""
     from peft import get_peft_model
 
+    config = peft_lora_config(model, lc)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            return get_peft_model(model, peft_lora_config(lc))
-        except ValueError as e:
-            raise LoramixError(f"LoRA targets {lc.targets} do not match modules of this model ({e}); fix lora.targets") from e
+        return get_peft_model(model, config)
 
 
 def load_adapter(model, adapter_dir: Path, trainable: bool = False, adapter_name: str = "default"):

@@ -25,7 +25,7 @@ from loramix.config import Config, config_diff
 from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps
 from loramix.data.prepare import Prepared
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult, Scorer, forgetting_check, format_table, token_byte_lengths
+from loramix.evaluate import EvalResult, Scorer, forgetting_check, format_table
 from loramix.files import read_json, write_json
 from loramix.loss import token_nll
 from loramix.model import attach_lora, base_fingerprint, compile_body, count_parameters
@@ -196,7 +196,7 @@ class Loop:
         fused = {"fused": True} if device.type == "cuda" else {}
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **fused)
         autocast = autocast_for(device, precision)
-        score = Scorer(model, token_byte_lengths(tokenizer), device, tokenizer.eos_token_id, cfg.eval.batch_size, autocast, dist)
+        score = Scorer(model, device, tokenizer.eos_token_id, cfg.eval.batch_size, autocast, dist)
         loop = cls(cfg, model, data, plan, device, autocast, run_dir, fingerprints, dist, log, params, optimizer,
                    torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                    EventLog(run_dir, cfg.track, enabled=dist.main, run_name=cfg.name), score, tokenizer.eos_token_id, progress,
@@ -292,8 +292,8 @@ def _train_step(loop: Loop, step: Step, micro: list[Batch], lr: float, stop: boo
     state = loop.state
     for group in loop.optimizer.param_groups:
         group["lr"] = lr
-    lengths = loop.data.train_lengths
-    n_targets = int(sum(lengths[i] - 1 for mb in step for row in mb for i in row))  # global: no communication
+    targets = loop.data.train_targets
+    n_targets = int(sum(targets[i] for mb in step for row in mb for i in row))  # the step's, on every process: no communication
     for batch in micro:
         batch = batch.to(loop.device)
         with loop.autocast():

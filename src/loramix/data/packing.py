@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loramix.data.tokens import Tokens
+
 IGNORE = -100
 
 
@@ -26,6 +28,12 @@ IGNORE = -100
 class Segment:
     source: int  # index into Mixture.sources
     tokens: np.ndarray  # int32 token ids, EOS included if the document ended inside this segment
+    nbytes: np.ndarray | None = None  # int32 UTF-8 bytes of text per token (None: not counted)
+    first_target: int = 1  # tokens before this one are context only (the prompt, with data.loss_on=completion)
+
+    @property
+    def n_targets(self) -> int:
+        return max(0, len(self.tokens) - self.first_target)
 
 
 Row = list[Segment]
@@ -38,6 +46,7 @@ class Batch:
     segment_ids: torch.Tensor  # (B, T) int64, 1..k per row, 0 on padding
     targets: torch.Tensor  # (B, T) int64, next token of the same segment or IGNORE
     target_source: torch.Tensor  # (B, T) int64, source id of each target, -1 where IGNORE
+    target_bytes: torch.Tensor  # (B, T) int64, UTF-8 bytes of text each target stands for, 0 where IGNORE
     n_rows: int
     n_docs: int
 
@@ -54,14 +63,14 @@ class Batch:
         return Batch(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in vars(self).items()})
 
 
-def make_segments(tokens: list[np.ndarray], sources: list[int], seq_len: int, long_docs: str) -> list[Segment]:
-    """Cut each document to `seq_len` tokens ('truncate': keep the head) or into pieces ('split')."""
+def make_segments(tokens: list[Tokens], sources: list[int], seq_len: int, long_docs: str, loss_on: str = "all") -> list[Segment]:
+    """Cut each document to `seq_len` tokens ('truncate': keep the head) or into pieces ('split'); a
+    piece's targets start at its second token, or where the completion starts if that is later."""
     out = []
     for toks, src in zip(tokens, sources):
-        if long_docs == "truncate" or len(toks) <= seq_len:
-            out.append(Segment(src, toks[:seq_len]))
-        else:
-            out += [Segment(src, toks[i : i + seq_len]) for i in range(0, len(toks), seq_len)]
+        first = toks.first_target(loss_on)
+        starts = [0] if long_docs == "truncate" else range(0, len(toks.ids), seq_len)
+        out += [Segment(src, toks.ids[i : i + seq_len], toks.bytes[i : i + seq_len], max(1, first - i)) for i in starts]
     return out
 
 
@@ -168,18 +177,22 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
     segment_ids = np.zeros((B, T), dtype=np.int64)
     targets = np.full((B, T), IGNORE, dtype=np.int64)
     target_source = np.full((B, T), -1, dtype=np.int64)
+    target_bytes = np.zeros((B, T), dtype=np.int64)
     for b, row in enumerate(rows):
         t = 0
         for k, seg in enumerate(row, 1):
-            n = len(seg.tokens)
+            n, f = len(seg.tokens), seg.first_target
             input_ids[b, t : t + n] = seg.tokens
             position_ids[b, t : t + n] = np.arange(n)
             segment_ids[b, t : t + n] = k
-            targets[b, t : t + n - 1] = seg.tokens[1:]
-            target_source[b, t : t + n - 1] = seg.source
+            # Position j predicts token j + 1: the targets are tokens f .. n-1, at positions f-1 .. n-2.
+            targets[b, t + f - 1 : t + n - 1] = seg.tokens[f:]
+            target_source[b, t + f - 1 : t + n - 1] = seg.source
+            if seg.nbytes is not None:
+                target_bytes[b, t + f - 1 : t + n - 1] = seg.nbytes[f:]
             t += n
     return Batch(
-        *(torch.from_numpy(a) for a in (input_ids, position_ids, segment_ids, targets, target_source)),
+        *(torch.from_numpy(a) for a in (input_ids, position_ids, segment_ids, targets, target_source, target_bytes)),
         n_rows=B,
         n_docs=sum(len(r) for r in rows),
     )

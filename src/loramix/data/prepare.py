@@ -25,6 +25,11 @@ class Prepared:
     def train_lengths(self) -> np.ndarray:
         return np.array([len(s.tokens) for s in self.train])
 
+    @property
+    def train_targets(self) -> np.ndarray:
+        """Target tokens per training segment: what a step's loss is divided by."""
+        return np.array([s.n_targets for s in self.train])
+
 
 def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dict[str, SourceConfig] | None = None) -> Prepared:
     """Everything up to rows: what training and `loramix eval` both need, built the same way."""
@@ -47,8 +52,8 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
 
 def _segments(docs: list[Document], sources: list[str], tokenizer, data: DataConfig, log) -> list[Segment]:
     """Documents -> token segments of at most seq_len, each tagged with its source's index in `sources`."""
-    tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log)
-    return make_segments(tokens, [sources.index(d.source) for d in docs], data.seq_len, data.long_docs)
+    tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log, chat=data.chat_template)
+    return make_segments(tokens, [sources.index(d.source) for d in docs], data.seq_len, data.long_docs, data.loss_on)
 
 
 def _with_local_dir(data: DataConfig, local_dir: str) -> DataConfig:

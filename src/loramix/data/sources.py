@@ -27,6 +27,7 @@ class Document:
     source: str
     row: int  # index of the row in the split it was read from
     text: str
+    prompt: int = 0  # characters of `text` that are the prompt (SourceConfig.prompt); 0: none
 
 
 def source_path(name: str, spec: SourceConfig, data: DataConfig) -> Path | None:
@@ -54,9 +55,10 @@ def load_documents(name: str, spec: SourceConfig, data: DataConfig, cap: int | N
     """
     path = source_path(name, spec, data)
     table = _load_local(name, path) if path else _load_hub(name, spec)
-    _check_template(name, spec.template, table.column_names)
+    for template in filter(None, (spec.template, spec.prompt)):
+        _check_template(name, template, table.column_names)
     order = np.random.default_rng([data.seed, _stable_id(name)]).permutation(len(table))
-    docs = list(_render(name, spec.template, table, order, cap))
+    docs = list(_render(name, spec, table, order, cap))
     if not docs:
         where = path or spec.hub_id
         raise LoramixError(f"source '{name}' has no usable rows in {where} (every rendered text is blank); check the file or data.sources.{name}.template")
@@ -68,20 +70,28 @@ def _stable_id(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
-def _render(name: str, template: str, table, order: np.ndarray, cap: int | None) -> Iterator[Document]:
+def _render(name: str, spec: SourceConfig, table, order: np.ndarray, cap: int | None) -> Iterator[Document]:
     taken = 0
     for start in range(0, len(order), _CHUNK):
         idx = order[start : start + _CHUNK]
         for row_id, row in zip(idx.tolist(), table.select(idx).to_list()):
-            try:
-                text = template.format(**row)
-            except (KeyError, IndexError, TypeError, AttributeError) as e:
-                raise LoramixError(f"source '{name}': template {template!r} fails on row {row_id} ({type(e).__name__}: {e}); fix data.sources.{name}.template") from e
+            text = _format(name, "template", spec.template, row, row_id)
+            prompt = _format(name, "prompt", spec.prompt, row, row_id) if spec.prompt else ""
+            if not text.startswith(prompt):
+                raise LoramixError(f"source '{name}': on row {row_id} the prompt is not the start of the text; make "
+                                   f"data.sources.{name}.prompt a prefix of data.sources.{name}.template")
             if text.strip():
-                yield Document(name, row_id, text)
+                yield Document(name, row_id, text, len(prompt))
                 taken += 1
                 if cap is not None and taken >= cap:
                     return
+
+
+def _format(name: str, key: str, template: str, row: dict, row_id: int) -> str:
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise LoramixError(f"source '{name}': {key} {template!r} fails on row {row_id} ({type(e).__name__}: {e}); fix data.sources.{name}.{key}") from e
 
 
 def _check_template(name: str, template: str, columns: list[str]) -> None:
