@@ -55,7 +55,7 @@ def test_custom_source_needs_hub_id_or_path():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("lora.rnak=8", "unknown key 'lora.rnak' (allowed under lora.: alpha, bias, dropout, r, targets)"),
+    ("lora.rnak=8", "unknown key 'lora.rnak' (allowed under lora.: alpha, bias, dropout, init, r, targets, use_dora, use_rslora)"),
     ("trian.epochs=1", "unknown key 'trian'"),
     ("lora.r=eight", "lora.r='eight' must be an integer"),
     ("train.lr=fast", "train.lr='fast' must be a number"),

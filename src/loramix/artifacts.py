@@ -33,7 +33,7 @@ from loramix.data.prepare import prepare_data
 from loramix.errors import LoramixError
 from loramix.evaluate import EvalResult
 from loramix.files import read_json, replacing, write_atomic, write_json
-from loramix.model import base_fingerprint, load_adapter, load_base_model, load_tokenizer
+from loramix.model import base_fingerprint, check_vocabulary, load_adapter, load_base_model, load_tokenizer
 from loramix.tracking import read_metrics
 
 RUN, ADAPTER, MODEL = "run", "adapter", "model"
@@ -92,10 +92,12 @@ def adapter_base(adapter_dir: Path) -> str | None:
 
 
 def load_inputs(cfg: Config, log=print):
-    """Tokenizer, prepared data and base model of a config: `train` and `eval` see the same data."""
+    """Tokenizer, prepared data and base model of a config: `train` and `eval` see the same data.
+    The model comes first, so a model that cannot be used fails before any data is read."""
+    model = load_base_model(cfg.model, cfg.data.seq_len)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, log, cfg.eval.forgetting_sources)
-    return tokenizer, data, load_base_model(cfg.model, cfg.data.seq_len)
+    check_vocabulary(model, tokenizer)
+    return tokenizer, prepare_data(cfg.data, tokenizer, log, cfg.eval.forgetting_sources), model
 
 
 def base_model_config(source: Path) -> tuple[ModelConfig, int]:
@@ -225,11 +227,25 @@ def write_status(run_dir: Path, status: dict) -> None:
     write_json(Path(run_dir) / "run.json", status)
 
 
-def save_adapter(model, run_dir: Path) -> Path:
-    """PEFT's own save_pretrained, renamed into place whole."""
+def save_adapter(model, run_dir: Path, initial: Path | None = None) -> Path:
+    """PEFT's own save_pretrained, renamed into place whole. With the `initial` adapter of a PiSSA or
+    OLoRA run, PEFT converts the trained adapter into plain LoRA on the original base weights."""
     with replacing(Path(run_dir) / "adapter") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=initial and str(initial))
     return Path(run_dir) / "adapter"
+
+
+def save_initial_adapter(model, run_dir: Path) -> Path:
+    """adapter-init/: a PiSSA/OLoRA adapter as initialised (deterministic, so a resumed run writes the
+    same), which the final conversion to plain LoRA needs. Saved as plain LoRA init, as PEFT asks."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        with replacing(Path(run_dir) / "adapter-init") as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+    return Path(run_dir) / "adapter-init"
 
 
 def save_eval(run_dir: Path, result: EvalResult) -> None:

@@ -165,6 +165,9 @@ def _random_config(name: str, given: str, overrides: dict):
     base = _hub_config(name, given)
     family_of(base)
     cls = CONFIG_MAPPING[base.model_type]
+    if any(k in _GPT2_SIZES for k in overrides) and base.model_type != "gpt2":
+        raise LoramixError(f"model.n_layer/n_embd/n_head are GPT-2's names (set them to null); for {base.model_type} use "
+                           "model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads")
     known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
     wrong = sorted(k for k in overrides if k not in known)
     if wrong:
@@ -172,9 +175,6 @@ def _random_config(name: str, given: str, overrides: dict):
         prefix = "model." if base.model_type == "gpt2" else "model.config."
         raise LoramixError(f"{', '.join('model.config.' + k for k in wrong)}: not a setting of {base.model_type} models; "
                            f"its size settings are {', '.join(prefix + k for k in sizes)}")
-    if any(k in _GPT2_SIZES for k in overrides) and base.model_type != "gpt2":
-        raise LoramixError(f"model.n_layer/n_embd/n_head are GPT-2's names; for {base.model_type} use model.config.num_hidden_layers, "
-                           "model.config.hidden_size, model.config.num_attention_heads")
     raw = base.to_diff_dict()
     derived = getattr(inspect.signature(cls).parameters.get("head_dim"), "default", 0) is None
     if derived and "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & set(overrides):
@@ -191,6 +191,14 @@ def _random_config(name: str, given: str, overrides: dict):
 
 _SIZE_KEYS = ("n_layer", "n_embd", "n_head", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "ffn_dim", "head_dim", "vocab_size", "max_position_embeddings", "sliding_window")
+
+
+def check_vocabulary(model, tokenizer) -> None:
+    """Every token id the tokenizer makes must have an embedding row."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise LoramixError(f"the tokenizer has {len(tokenizer):,} tokens but the model embeds {rows:,}; use the model's own tokenizer "
+                           f"(or, for a random init, model.config.vocab_size={len(tokenizer)})")
 
 
 def _fuse_gelu(model) -> None:

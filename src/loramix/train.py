@@ -139,12 +139,14 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
             artifacts.write_status(run_dir, {**status, **fields})
 
     record(status="running")
+    # PiSSA and OLoRA move part of the base into the adapter: keep its initial state to convert back.
+    initial = artifacts.save_initial_adapter(model, run_dir) if cfg.lora.init in ("pissa", "olora") and dist.main else None
     try:
         loop = Loop.start(cfg, model, tokenizer, data, plan, device, precision, run_dir, fingerprints, dist, log, progress and dist.main)
         if resume_from is not None:
             loop.resume(resume_from)
         final = final_evaluation(loop, fit(loop, schedule))
-        save_results(loop, final)
+        save_results(loop, final, initial)
     except Interrupted:
         record(status="interrupted")
         raise
@@ -387,10 +389,10 @@ def final_evaluation(loop: Loop, last_eval: EvalResult | None) -> EvalResult:
     return replace(final, step=loop.state.step)
 
 
-def save_results(loop: Loop, final: EvalResult) -> None:
+def save_results(loop: Loop, final: EvalResult, initial: Path | None = None) -> None:
     """The adapter, then eval.json (written last: its presence marks a finished run)."""
     if loop.dist.main:
-        artifacts.save_adapter(loop.model, loop.run_dir)
+        artifacts.save_adapter(loop.model, loop.run_dir, initial)
         loop.log(format_table(final))
         artifacts.save_eval(loop.run_dir, final)
 
