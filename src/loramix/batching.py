@@ -52,7 +52,7 @@ class Sequence:
     """One prompt of a request, from the queue to its last token.
 
     `adapter` names a PEFT adapter of the model, or is BASE (the base alone), or None for a model without adapters.
-    `emit` is called from the scheduler's thread.
+    `emit` is called from the scheduler's thread: with text as it settles when `stream`, else once, at the end.
     """
 
     prompt: list[int]
@@ -60,6 +60,7 @@ class Sequence:
     sampling: Sampling
     emit: Callable[[Event], None]
     index: int = 0
+    stream: bool = True
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text emitted so far
     done: bool = False
@@ -159,31 +160,27 @@ class Scheduler:
             self._fail(seq, message)
 
     def step(self) -> dict[Sequence, torch.Tensor]:
-        """One decode step of the running batch plus the prefill of admitted prompts; the logits (V,) each
-        row sampled from, by sequence."""
+        """One forward for the whole batch: the next token of the running rows and the prompts of the admitted
+        ones; then every row samples. Returns the logits (V,) each row sampled from, by sequence."""
         self._leave(lambda s: s.cancelled, "cancelled")
-        new = self._admit()
-        logits: dict[Sequence, torch.Tensor] = {}
-        if self._rows:
-            running = self._rows
-            out = self._guarded(running.seqs, lambda: self._decode(running))
-            if out is None:
-                self._rows = None  # its rows failed, and its cache may be half updated
-            else:
-                logits |= dict(zip(running.seqs, out))
-        if new:
-            out = self._guarded(new, lambda: self._prefill(new))
-            if out is not None:
-                rows, first = out
-                logits |= dict(zip(new, first))
-                self._rows = _join(self._rows, rows) if self._rows else rows
-        for seq, token in zip(logits, self._choose(logits)):
+        new, running = self._admit(), self._rows
+        seqs = (running.seqs if running else []) + new
+        if not seqs:
+            return {}
+        out = self._guarded(seqs, lambda: self._forward(running, new))
+        if out is None:
+            self._rows = None  # its rows failed, and its cache may be half updated
+            return {}
+        self._rows, logits = out
+        for seq, token in zip(seqs, self._choose(seqs, logits)):
             if token is not None:
                 self._advance(seq, token)
         self._leave(lambda s: s.done, None)
-        if self.on_step is not None and logits:
-            self.on_step(len(logits))
-        return logits
+        if new and self._rows:
+            self._rows = _compact(self._rows)  # the running rows' columns for the new prompts are holes
+        if self.on_step is not None:
+            self.on_step(len(seqs))
+        return dict(zip(seqs, logits))
 
     def _admit(self) -> list[Sequence]:
         new = []
@@ -207,39 +204,44 @@ class Scheduler:
 
     # ------------------------------------------------------------ forwards
 
-    def _forward(self, seqs: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Logits (B, V) of the last position of every row, each row through its own adapter."""
+    def _forward(self, running: _Rows | None, new: list[Sequence]) -> tuple[_Rows, torch.Tensor]:
+        """The batch after one forward, and the logits (B, V) of every row's last position.
+
+        Inputs are `width` columns (the longest new prompt): a running row's last token at the right, masked
+        pads before it; a new row's prompt, left-padded, after a masked stretch as long as the running cache.
+        Each row goes through its own adapter; positions count each row's real tokens."""
+        device, seqs = self.model.device, (running.seqs if running else []) + new
+        width = max([len(s.prompt) for s in new], default=1)
+        ids, positions, tail = [], [], []
+        counts = running.mask.sum(1).tolist() if running else []
+        for seq, count in zip(running.seqs if running else [], counts):
+            ids.append([0] * (width - 1) + [seq.tokens[-1]])
+            positions.append([0] * (width - 1) + [count])
+            tail.append([0] * (width - 1) + [1])
+        for seq in new:
+            pad = width - len(seq.prompt)
+            ids.append([0] * pad + seq.prompt)  # pad ids are masked out
+            positions.append([0] * pad + list(range(len(seq.prompt))))
+            tail.append([0] * pad + [1] * len(seq.prompt))
+        mask = torch.tensor(tail, device=device)
+        if running:
+            mask = torch.cat([F.pad(running.mask, (0, 0, 0, len(new))), mask], 1)
+            cache = DynamicCache([(F.pad(layer.keys, (0, 0, 0, 0, 0, 0, 0, len(new))), F.pad(layer.values, (0, 0, 0, 0, 0, 0, 0, len(new))))
+                                  for layer in running.cache.layers]) if new else running.cache
+        else:
+            cache = DynamicCache()
         adapters = [s.adapter for s in seqs]
         extra = {"adapter_names": adapters} if any(a is not None for a in adapters) else {}
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
-        return out.logits[:, -1].float()
-
-    def _decode(self, rows: _Rows) -> torch.Tensor:
-        device = rows.mask.device
-        last = torch.tensor([[s.tokens[-1]] for s in rows.seqs], device=device)  # (B, 1)
-        positions = rows.mask.sum(1, keepdim=True)  # a row's real tokens so far: the new token's position
-        rows.mask = F.pad(rows.mask, (0, 1), value=1)
-        return self._forward(rows.seqs, last, rows.mask, positions, rows.cache)
-
-    def _prefill(self, seqs: list[Sequence]) -> tuple[_Rows, torch.Tensor]:
-        device = self.model.device
-        width = max(len(s.prompt) for s in seqs)
-        ids = torch.tensor([[0] * (width - len(s.prompt)) + s.prompt for s in seqs], device=device)  # pad ids are masked out
-        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
-        cache = DynamicCache()
-        logits = self._forward(seqs, ids, mask, positions, cache)
-        return _Rows(list(seqs), cache, mask), logits
+            out = self.model(input_ids=torch.tensor(ids, device=device), attention_mask=mask, position_ids=torch.tensor(positions, device=device),
+                             cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        return _Rows(seqs, cache, mask), out.logits[:, -1].float()
 
     # ------------------------------------------------------------ sampling and text
 
-    def _choose(self, logits: dict[Sequence, torch.Tensor]) -> list[int | None]:
+    def _choose(self, seqs: list[Sequence], rows: torch.Tensor) -> list[int | None]:
         """Every row's next token, sampled as one batch; if that fails, row by row, so that only the rows
         that fail alone fail (None)."""
-        if not logits:
-            return []
-        seqs, rows = list(logits), torch.stack(list(logits.values()))
         try:
             return sample_rows(rows, seqs)
         except Exception:  # noqa: BLE001 (find the row at fault below)
@@ -264,7 +266,7 @@ class Scheduler:
                 reason = "length" if token != self.eos and len(cut) == len(text) else "stop"
                 self._emit(seq, Event(seq.index, cut[seq.sent :], reason, len(seq.tokens)))
                 return
-            end = _settled(text, s.stop)
+            end = _settled(text, s.stop) if seq.stream else 0
             if end > seq.sent:
                 self._emit(seq, Event(seq.index, text[seq.sent : end], None, len(seq.tokens)))
                 seq.sent = end
@@ -298,23 +300,23 @@ class Scheduler:
             self._rows = None
             return
         index = torch.tensor(keep, device=rows.mask.device)
-        mask = rows.mask[index]
-        first = int(mask.any(0).int().argmax())  # rows are [pads][tokens]: columns before this are pads in every row
-        kv = [(layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in rows.cache.layers]
-        self._rows = _Rows([rows.seqs[k] for k in keep], DynamicCache(kv), mask[:, first:])
+        kv = [(layer.keys[index], layer.values[index]) for layer in rows.cache.layers]
+        self._rows = _compact(_Rows([rows.seqs[k] for k in keep], DynamicCache(kv), rows.mask[index]))
 
 
-def _join(a: _Rows, b: _Rows) -> _Rows:
-    """One batch of two: the shorter cache is left-padded (masked) to the longer one's length."""
-    width = max(a.mask.shape[1], b.mask.shape[1])
-
-    def left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-        pad = [0, 0] * dim_from_end + [width - t.shape[-dim_from_end - 1], 0]
-        return F.pad(t, pad)
-
-    kv = [(torch.cat([left(x.keys, 1), left(y.keys, 1)]), torch.cat([left(x.values, 1), left(y.values, 1)]))
-          for x, y in zip(a.cache.layers, b.cache.layers)]
-    return _Rows(a.seqs + b.seqs, DynamicCache(kv), torch.cat([left(a.mask, 0), left(b.mask, 0)]))
+def _compact(rows: _Rows) -> _Rows:
+    """The batch with every row's real columns moved to the right, in order, and the columns no row needs
+    any more dropped (positions are per row, not per column, so a token's column may move)."""
+    width = int(rows.mask.sum(1).max())
+    if width == rows.mask.shape[1]:
+        return rows
+    # a stable sort of each row's 0/1 mask puts its pads first and its tokens last, each kept in order
+    index = torch.sort(rows.mask, dim=1, stable=True).indices[:, -width:]  # (B, width)
+    kv = []
+    for layer in rows.cache.layers:
+        at = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        kv.append((layer.keys.gather(2, at), layer.values.gather(2, at)))
+    return _Rows(rows.seqs, DynamicCache(kv), rows.mask.gather(1, index))
 
 
 def _settled(text: str, stop: tuple[str, ...]) -> int:
@@ -330,11 +332,14 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     repetition penalty as transformers applies it, then greedy at temperature 0, else temperature, top-k and
     top-p, and one uniform draw from the sequence's generator (so a seeded row draws the same alone or batched)."""
     logits = _penalized(logits, seqs)
-    tokens = logits.argmax(-1).tolist()
-    hot = [k for k, seq in enumerate(seqs) if seq.sampling.temperature > 0]
-    if hot:
-        for k, token in zip(hot, _draw(logits[hot], [seqs[k] for k in hot])):
-            tokens[k] = token
+    tokens = [0] * len(seqs)
+    for greedy in (True, False):  # each kind of row picked as one batch (V is large: no row is worked on twice)
+        rows = [k for k, seq in enumerate(seqs) if (seq.sampling.temperature == 0) == greedy]
+        if rows:
+            part = logits if len(rows) == len(seqs) else logits[rows]
+            picks = part.argmax(-1).tolist() if greedy else _draw(part, [seqs[k] for k in rows])
+            for k, token in zip(rows, picks):
+                tokens[k] = token
     return tokens
 
 
@@ -353,22 +358,50 @@ def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    settings, device, vocab = [seq.sampling for seq in seqs], logits.device, logits.shape[-1]
-    logits = logits / torch.tensor([s.temperature for s in settings], device=device)[:, None]
-    if any(s.top_k for s in settings):
-        k = torch.tensor([min(s.top_k or vocab, vocab) for s in settings], device=device)
-        kth = logits.topk(int(k.max())).values.gather(1, (k - 1)[:, None])  # each row's k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    """One token per row by inverse CDF in vocabulary order: the same draw picks the same token whether the
+    row is sampled alone or among rows of other settings."""
+    settings, device = [seq.sampling for seq in seqs], logits.device
+    ids, logits = _candidates(logits / torch.tensor([s.temperature for s in settings], device=device)[:, None], [s.top_k for s in settings])
     probs = logits.softmax(-1)
-    top_p = torch.tensor([s.top_p for s in settings], device=device)[:, None]
-    if bool((top_p < 1).any()):
-        ordered, order = probs.sort(-1, descending=True)
-        beyond = ordered.cumsum(-1) - ordered >= top_p  # the mass before them reaches top_p already; the first always stays
-        probs = probs.scatter(1, order, ordered.masked_fill(beyond, 0.0))
+    nucleus = [k for k, s in enumerate(settings) if s.top_p < 1]
+    if nucleus:
+        probs[nucleus] = _nucleus(probs[nucleus], torch.tensor([settings[k].top_p for k in nucleus], device=device)[:, None])
     for seq in seqs:
         if seq.generator is None:
             seq.generator = torch.Generator(device).manual_seed(seq.sampling.seed)
     # u in (0, 1]: the first token whose cumulative mass reaches u * total has mass > 0
     u = torch.stack([1 - torch.rand((), generator=seq.generator, device=device) for seq in seqs])
     cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=vocab - 1).squeeze(1).tolist()
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
+    return (picks if ids is None else ids.gather(1, picks)).squeeze(1).tolist()
+
+
+def _candidates(logits: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Logits with each row's top-k applied (0: all tokens). When every row has a top-k, only the largest k
+    columns are kept, in vocabulary order, with their token ids (B, k); else the ids are None (all, in order)."""
+    vocab = logits.shape[-1]
+    ks = [min(k, vocab) if k else vocab for k in top_k]
+    ids = None
+    if max(ks) < vocab:  # sampling needs only these columns: a softmax over (B, k) instead of (B, V)
+        ids = logits.topk(max(ks)).indices.sort(-1).values
+        logits = logits.gather(1, ids)
+    limited = [r for r, k in enumerate(ks) if k < logits.shape[-1]]
+    if limited:
+        k = torch.tensor([ks[r] for r in limited], device=logits.device)
+        kth = logits[limited].topk(int(k.max())).values.gather(1, (k - 1)[:, None])  # each row's k-th largest
+        logits[limited] = logits[limited].masked_fill(logits[limited] < kth, float("-inf"))
+    return ids, logits
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`probs` (B, V) with all but each row's nucleus zeroed: its fewest most likely tokens whose mass reaches
+    top_p (B, 1). The nucleus is sought among the top 64, 512, ... tokens, so the vocabulary is sorted
+    whole only for a row whose nucleus is that wide (a flat distribution)."""
+    k, vocab = 64, probs.shape[-1]
+    while True:
+        ordered, order = probs.topk(min(k, vocab))  # (B, k), descending
+        if k >= vocab or bool((ordered.sum(-1, keepdim=True) >= top_p).all()):
+            break
+        k *= 8
+    beyond = ordered.cumsum(-1) - ordered >= top_p  # the mass before them reaches top_p already; the first always stays
+    return torch.zeros_like(probs).scatter(1, order, ordered.masked_fill(beyond, 0.0))

@@ -69,7 +69,7 @@ class Engine:
     tokenizer: object
     adapters: list[str]
     max_tokens: int
-    n_positions: int
+    context_window: int
 
     @property
     def names(self) -> list[str]:
@@ -125,7 +125,7 @@ class Metrics:
         Gauge("loramix_batch_size", "Sequences in the running batch", registry=r).set_function(lambda: scheduler.batch_size)
         self.step_rows = Histogram("loramix_step_batch_size", "Rows per engine step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.latency = Histogram("loramix_request_latency_seconds", "Time from request to the last byte of the answer, by route", ["route"], registry=r)
-        self.first_text = Histogram("loramix_time_to_first_text_seconds", "Time from request to the first generated text", registry=r)
+        self.first_text = Histogram("loramix_time_to_first_text_seconds", "Time from a streamed request to its first text", registry=r)
 
 
 @dataclass
@@ -143,11 +143,11 @@ class Served:
 class Job:
     """A request's sequences in the scheduler, and the events they send back to the event loop."""
 
-    def __init__(self, model: str, prompts: list[list[int]], adapter: str | None, sampling: Sampling, metrics: Metrics):
+    def __init__(self, model: str, prompts: list[list[int]], adapter: str | None, sampling: Sampling, stream: bool, metrics: Metrics):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         self.events_in: asyncio.Queue[Event] = queue
         emit = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # called from the scheduler's thread
-        self.seqs = [Sequence(ids, adapter, sampling, emit, k) for k, ids in enumerate(prompts)]
+        self.seqs = [Sequence(ids, adapter, sampling, emit, k, stream) for k, ids in enumerate(prompts)]
         self.model, self.metrics, self.start = model, metrics, time.perf_counter()
         self.texts, self.finish, self.tokens = [""] * len(prompts), [None] * len(prompts), [0] * len(prompts)
 
@@ -163,7 +163,7 @@ class Job:
             if event.error:
                 self.cancel()
                 raise ApiError(500, f"generation failed: {event.error}")
-            if event.text and not any(self.texts):
+            if event.text and self.seqs[0].stream and not any(self.texts):
                 self.metrics.first_text.observe(time.perf_counter() - self.start)
             self.texts[event.index] += event.text
             self.tokens[event.index] = event.tokens
@@ -212,15 +212,15 @@ def start_job(served: Served, req: SamplingFields, prompts: list[str], max_token
     if not all(ids):
         raise ApiError(400, "a prompt is empty; give at least one token of text", "prompt")
     longest = max(len(x) for x in ids)
-    max_tokens = max_tokens or max(1, min(engine.max_tokens, engine.n_positions - longest))
+    max_tokens = max_tokens or max(1, min(engine.max_tokens, engine.context_window - longest))
     if not 1 <= max_tokens <= engine.max_tokens:
         raise ApiError(400, f"max_tokens must be an integer in [1, {engine.max_tokens}]", "max_tokens")
-    if longest + max_tokens > engine.n_positions:
-        raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the context window of {engine.n_positions} tokens", "prompt")
+    if longest + max_tokens > engine.context_window:
+        raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the context window of {engine.context_window} tokens", "prompt")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     seed = req.seed if req.seed is not None else secrets.randbits(63)  # unseeded requests differ, as OpenAI's do
     sampling = Sampling(max_tokens, req.temperature, req.top_k, req.top_p, req.repetition_penalty, seed, stop)
-    job = Job(model, ids, engine.adapter(model), sampling, served.metrics)
+    job = Job(model, ids, engine.adapter(model), sampling, req.stream, served.metrics)
     try:
         engine.scheduler.submit(job.seqs)
     except QueueFull as e:
