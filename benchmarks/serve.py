@@ -2,15 +2,16 @@
 
     python benchmarks/serve.py            # ~2 minutes on 2 CPU cores
 
-A random-init GPT-2 (GPT-2's real vocabulary) is saved as a model dir, two LoRA adapters of it (random, non-zero
-B) as stock PEFT adapter dirs; `loramix serve` runs on both in its own process (`--max-batch 16 --max-queue 16`).
-Clients (threads, one HTTP request at a time each) send completions spread over the two adapters, half greedy,
-half seeded top-k sampling, `max_tokens` fixed (top-p is left out: a random-init model's flat distribution
-makes its nucleus the whole vocabulary, a full sort per row that no trained model needs). Concurrency 1 is one-at-a-time serving; 4 and 16 send the same requests; 64 sends
-twice as many, more than batch plus queue hold, so the excess gets 429 (a client then moves on to its next
-request). Reported per level: completion tokens/s, requests answered, 429s, failures, p50/p95 latency of the
-answered ones, and tokens/s relative to concurrency 1. Prints a table, writes JSON and replaces this
-benchmark's section of benchmarks/RESULTS.md.
+A random-init GPT-2 (GPT-2's real vocabulary) is saved as a model dir, two LoRA adapters of it (random,
+non-zero B) as stock PEFT adapter dirs; `loramix serve` runs on both in its own process (`--max-batch 16
+--max-queue 16`, one torch thread by default). Clients (threads, one HTTP request at a time each) send
+completions spread over the two adapters, half greedy, half seeded top-k sampling, `max_tokens` fixed (top-p
+is left out: a random-init model's flat distribution makes its nucleus the whole vocabulary, a full sort per
+row that no trained model needs). Concurrency 1 is one-at-a-time serving; 4 and 16 send the same requests;
+64 sends twice as many, more than batch plus queue hold, so the excess gets 429 (a client then moves on to
+its next request). Reported per level: completion tokens/s, requests answered, 429s, failures, p50/p95
+latency of the answered ones, and tokens/s relative to concurrency 1. Prints a table, writes JSON and
+replaces this benchmark's section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,19 @@
 """Continuous batching: one scheduler thread owns the model, and requests for different adapters share a batch.
 
-Every step: the rows of the running batch decode one token each, through one forward with the KV cache;
-prompts waiting for a slot are prefilled together and join the batch; every row samples its next token with
-its own settings and torch.Generator; rows that finished (or whose client left) leave. Each row runs
-through its own adapter, or none, by PEFT's mixed-adapter batches (`adapter_names=`), never by switching the
-model's active adapter.
+Every step is one forward with the KV cache: the running rows decode their next token, and prompts waiting
+for a slot join them in the same forward (their prefill); then every row samples its next token with its own
+settings and torch.Generator, and rows that finished (or whose client left) leave. Each row runs through its
+own adapter, or none, by PEFT's mixed-adapter batches (`adapter_names=`), never by switching the model's
+active adapter.
 
-Rows are left-padded to a common cache length, and their position ids start at 0 at their first real token
-(GPT-2 has learned absolute positions), so a row's logits are those of the same request alone.
+Rows share the cache's columns; a column a row does not use is masked (left padding, and the stretch a
+running row spends while a new prompt is prefilled), and position ids count each row's own tokens from 0
+(GPT-2 has learned absolute positions), so a row's logits are those of the same request alone. The cache is
+compacted (each row's tokens moved right, unused columns dropped) whenever rows join or leave.
 
-    rows (B, L): [pad pad p p p t t]   attention mask 0 on pads; positions [0 0 0 1 2 3 4]
-                 [p p p p p p t t t]
+    step with a new prompt:  cache          | inputs
+      running row            [p p p t t t]  | [-  -  t]   positions  . . 6
+      new row                [- - - - - -]  | [p  p  p]   positions  0 1 2
 """
 
 from __future__ import annotations
@@ -205,36 +208,14 @@ class Scheduler:
     # ------------------------------------------------------------ forwards
 
     def _forward(self, running: _Rows | None, new: list[Sequence]) -> tuple[_Rows, torch.Tensor]:
-        """The batch after one forward, and the logits (B, V) of every row's last position.
-
-        Inputs are `width` columns (the longest new prompt): a running row's last token at the right, masked
-        pads before it; a new row's prompt, left-padded, after a masked stretch as long as the running cache.
-        Each row goes through its own adapter; positions count each row's real tokens."""
-        device, seqs = self.model.device, (running.seqs if running else []) + new
-        width = max([len(s.prompt) for s in new], default=1)
-        ids, positions, tail = [], [], []
-        counts = running.mask.sum(1).tolist() if running else []
-        for seq, count in zip(running.seqs if running else [], counts):
-            ids.append([0] * (width - 1) + [seq.tokens[-1]])
-            positions.append([0] * (width - 1) + [count])
-            tail.append([0] * (width - 1) + [1])
-        for seq in new:
-            pad = width - len(seq.prompt)
-            ids.append([0] * pad + seq.prompt)  # pad ids are masked out
-            positions.append([0] * pad + list(range(len(seq.prompt))))
-            tail.append([0] * pad + [1] * len(seq.prompt))
-        mask = torch.tensor(tail, device=device)
-        if running:
-            mask = torch.cat([F.pad(running.mask, (0, 0, 0, len(new))), mask], 1)
-            cache = DynamicCache([(F.pad(layer.keys, (0, 0, 0, 0, 0, 0, 0, len(new))), F.pad(layer.values, (0, 0, 0, 0, 0, 0, 0, len(new))))
-                                  for layer in running.cache.layers]) if new else running.cache
-        else:
-            cache = DynamicCache()
+        """The batch after one forward, and the logits (B, V) of every row's last position, each row through
+        its own adapter."""
+        seqs = (running.seqs if running else []) + new
+        ids, positions, mask, cache = _step_inputs(running, new, self.model.device)
         adapters = [s.adapter for s in seqs]
         extra = {"adapter_names": adapters} if any(a is not None for a in adapters) else {}
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor(ids, device=device), attention_mask=mask, position_ids=torch.tensor(positions, device=device),
-                             cache=cache, use_cache=True, logits_to_keep=1, **extra)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
         return _Rows(seqs, cache, mask), out.logits[:, -1].float()
 
     # ------------------------------------------------------------ sampling and text
@@ -302,6 +283,30 @@ class Scheduler:
         index = torch.tensor(keep, device=rows.mask.device)
         kv = [(layer.keys[index], layer.values[index]) for layer in rows.cache.layers]
         self._rows = _compact(_Rows([rows.seqs[k] for k in keep], DynamicCache(kv), rows.mask[index]))
+
+
+def _step_inputs(running: _Rows | None, new: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    """Input ids and position ids (B, W), attention mask (B, L + W) and cache of one step, W the longest new
+    prompt (1 without one): a running row's last token at the right with masked pads before it; a new row's
+    prompt left-padded, after masked columns as long as the running cache (zeros in it)."""
+    width = max([len(s.prompt) for s in new], default=1)
+    ids, positions, mask = [], [], []
+    counts = running.mask.sum(1).tolist() if running else []  # a row's tokens so far: the position of its next one
+    for seq, count in zip(running.seqs if running else [], counts):
+        ids.append([0] * (width - 1) + [seq.tokens[-1]])  # pad ids are masked out
+        positions.append([0] * (width - 1) + [count])
+        mask.append([0] * (width - 1) + [1])
+    for seq in new:
+        pad = width - len(seq.prompt)
+        ids.append([0] * pad + seq.prompt)
+        positions.append([0] * pad + list(range(len(seq.prompt))))
+        mask.append([0] * pad + [1] * len(seq.prompt))
+    tensors = [torch.tensor(x, device=device) for x in (ids, positions, mask)]
+    if running is None:
+        return *tensors, DynamicCache()
+    more = (0, 0, 0, 0, 0, 0, 0, len(new))  # rows of zeros for the new sequences under the running rows' columns (B, H, L, D)
+    cache = DynamicCache([(F.pad(x.keys, more), F.pad(x.values, more)) for x in running.cache.layers]) if new else running.cache
+    return tensors[0], tensors[1], torch.cat([F.pad(running.mask, (0, 0, 0, len(new))), tensors[2]], 1), cache
 
 
 def _compact(rows: _Rows) -> _Rows:
