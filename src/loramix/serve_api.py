@@ -86,13 +86,18 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
-class Completion(BaseModel):
-    """A whole answer, or one chunk of a stream (no usage then, except the last when asked for)."""
+class _Answer(BaseModel):
+    """What answers and stream chunks have in common."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class Completion(_Answer):
+    """A whole answer, or one chunk of a stream (no usage then, except the last when asked for)."""
+
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -108,11 +113,8 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -128,11 +130,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatChunk(BaseModel):
-    id: str
+class ChatChunk(_Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
