@@ -45,9 +45,9 @@ def test_batched_prompts_match_single_prompts(run_dir):
 
 
 def test_stop_strings_cut_the_text():
-    from loramix.generate import _cut
+    from loramix.generate import cut_at_stop
 
-    assert _cut("one two. three", (".",)) == "one two" and _cut("abc", ("x",)) == "abc"
+    assert cut_at_stop("one two. three", (".",)) == "one two" and cut_at_stop("abc", ("x",)) == "abc"
 
 
 def test_cli_streams_and_reports_tokens_per_second(run_dir):

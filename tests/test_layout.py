@@ -17,7 +17,7 @@ LAYERS = [
     ["errors"], ["files"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.prepare"],
     ["model"], ["loss"], ["evaluate"], ["tracking"], ["checkpoint"], ["artifacts"],
-    ["train", "export", "generate", "report"], ["serve"],
+    ["train", "export", "generate", "report"], ["batching", "serve_api"], ["serve"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}

@@ -1,7 +1,11 @@
-"""The server with the official `openai` client on loopback: two adapters, streaming, threads, bad requests."""
+"""The server on loopback with the official `openai` client (two adapters and base, batched together), the
+batching engine's exactness against each request alone, and the limits: 429, 413, disconnects, failures."""
 
+import http.client
 import json
+import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -9,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramix.artifacts import load_for_generation
+from loramix import batching
+from loramix.artifacts import load_adapters, load_for_generation
+from loramix.batching import BASE, Scheduler, Sequence
 from loramix.config import load_config
 from loramix.generate import Sampling, generate
-from loramix.serve import load_engine, make_handler
+from loramix.serve import load_engine, running
 from loramix.train import train
 
 from conftest import ROOT, TINY
@@ -20,56 +26,60 @@ from conftest import ROOT, TINY
 pytestmark = pytest.mark.e2e
 
 openai = pytest.importorskip("openai")
+PROMPTS = ("Once upon a time", "The market")
+quiet = lambda *a: None
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, cache_dir, tiny_run):
-    import shutil
-    from http.server import ThreadingHTTPServer
-
+def adapter_dirs(tmp_path_factory, cache_dir, tiny_run) -> list[Path]:
     root = tmp_path_factory.mktemp("serve")
     dirs = [Path(shutil.copytree(tiny_run.run_dir, root / "alpha"))]  # adapters are named by their dirs
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}", "train.seed=1"])
-    dirs.append(train(cfg, root / "beta", log=lambda *a: None).run_dir)
+    dirs.append(train(cfg, root / "beta", log=quiet).run_dir)
     # A tiny random model's greedy text hardly depends on a few steps of LoRA: make beta's adapter strong,
     # so that routing a request to the wrong adapter changes the text.
     from safetensors.torch import load_file, save_file
 
     path = dirs[1] / "adapter" / "adapter_model.safetensors"
     save_file({k: v * 200 if "lora_B" in k else v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
-    engine = load_engine(dirs, max_tokens=32, device=torch.device("cpu"))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(engine, log=lambda *a: None))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dirs):
+    engine = load_engine(adapter_dirs, max_tokens=32, device=torch.device("cpu"), max_batch=8, log=quiet)
     expected = {}
-    for d in dirs:
+    for d in adapter_dirs:  # each adapter merged into its own model, through transformers' generate
         model, tok = load_for_generation(d)
-        for prompt in ("Once upon a time", "The market"):
+        for prompt in PROMPTS:
             expected[d.name, prompt] = generate(model, tok, [prompt], Sampling(max_new_tokens=8))[0][0]
-    yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0), url, expected
-    httpd.shutdown()
+    with running(engine, log=quiet) as srv:
+        yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0), srv.url, expected, engine
 
 
 def test_completions_per_adapter(server):
-    client, _, expected = server
+    client, _, expected, _ = server
     for name in ("alpha", "beta"):
         r = client.completions.create(model=name, prompt="Once upon a time", max_tokens=8, temperature=0)
         assert r.choices[0].text == expected[name, "Once upon a time"]
         assert r.model == name and r.usage.prompt_tokens == 4 and r.choices[0].finish_reason in ("length", "stop")
     assert expected["alpha", "Once upon a time"] != expected["beta", "Once upon a time"]
     assert {m.id for m in client.models.list()} == {"alpha", "beta", "base"}
+    r = client.completions.create(model="beta", prompt=list(PROMPTS), max_tokens=8, temperature=0)  # one request, two prompts
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [expected["beta", p] for p in PROMPTS]
 
 
 def test_streaming_equals_non_streaming(server):
-    client, _, expected = server
-    chunks = list(client.completions.create(model="beta", prompt="The market", max_tokens=8, temperature=0, stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == expected["beta", "The market"]
-    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    client, _, expected, _ = server
+    chunks = list(client.completions.create(model="beta", prompt="The market", max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["beta", "The market"]
+    assert chunks[-2].choices[0].finish_reason in ("length", "stop") and chunks[-1].usage.prompt_tokens == 2
 
 
-def test_concurrent_requests_never_mix(server):
-    client, _, expected = server
-    jobs = [(name, prompt) for name in ("alpha", "beta") for prompt in ("Once upon a time", "The market")] * 2
+def test_concurrent_requests_share_batches_and_never_mix(server):
+    client, url, expected, _ = server
+    jobs = [(name, prompt) for name in ("alpha", "beta") for prompt in PROMPTS] * 2
     results = [None] * len(jobs)
 
     def ask(k, name, prompt):
@@ -81,10 +91,32 @@ def test_concurrent_requests_never_mix(server):
     for t in threads:
         t.join(timeout=120)
     assert results == [expected[job] for job in jobs]
+    with urllib.request.urlopen(f"{url}/metrics") as r:
+        text = r.read().decode()
+    rows = {line.split('le="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("loramix_step_batch_size_bucket")}
+    assert rows["1.0"] < rows["+Inf"], "no step ran more than one row"
+    assert 'loramix_requests_total{route="/v1/completions",status="200"}' in text
+
+
+def test_chat_needs_a_template_and_then_works(server):
+    client, _, _, engine = server
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model="alpha", messages=messages, max_tokens=8)
+    engine.tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    try:
+        r = client.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0)
+        plain = client.completions.create(model="alpha", prompt="user: Once upon a time\nassistant:", max_tokens=8, temperature=0)
+        chunks = list(client.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0, stream=True))
+    finally:
+        engine.tokenizer.chat_template = None
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == plain.choices[0].text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].text
 
 
 def test_bad_requests_get_4xx_with_a_message(server):
-    client, url, _ = server
+    client, url, _, _ = server
     with pytest.raises(openai.NotFoundError, match="model 'gamma' is not served"):
         client.completions.create(model="gamma", prompt="x", max_tokens=4)
     with pytest.raises(openai.BadRequestError, match=r"max_tokens must be an integer in \[1, 32\]"):
@@ -93,9 +125,162 @@ def test_bad_requests_get_4xx_with_a_message(server):
         client.completions.create(model="alpha", prompt="x", max_tokens=4, extra_body={"frobnicate": 1})
     with pytest.raises(openai.BadRequestError, match="exceeds the context window"):
         client.completions.create(model="alpha", prompt="word " * 1020, max_tokens=8)
-    request = urllib.request.Request(f"{url}/completions", data=b"{not json", headers={"Content-Type": "application/json"})
+    with pytest.raises(openai.BadRequestError, match="temperature: Input should be less than or equal to 2"):
+        client.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=5)
+    for body, status, message in [(b"{not json", 400, "not valid JSON"), (b"[1]", 400, "must be a JSON object")]:
+        request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request)
+        assert e.value.code == status and message in json.loads(e.value.read())["error"]["message"]
+    request = urllib.request.Request(f"{url}/v1/completions", data=b" " * (2 << 20), headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request)
-    assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
-    with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as r:
+    assert e.value.code == 413
+    with urllib.request.urlopen(f"{url}/health") as r:
         assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_a_failing_request_fails_alone(server, monkeypatch):
+    client, _, expected, _ = server
+
+    def sample_rows(logits, seqs):
+        if any(seq.sampling.seed == 13 for seq in seqs):
+            raise RuntimeError("injected")
+        return real(logits, seqs)
+
+    real = batching.sample_rows
+    monkeypatch.setattr(batching, "sample_rows", sample_rows)
+    results = {}
+
+    def ask(seed):
+        try:
+            results[seed] = client.completions.create(model="beta", prompt="The market", max_tokens=8, temperature=0, seed=seed).choices[0].text
+        except openai.InternalServerError as e:
+            results[seed] = e
+
+    threads = [threading.Thread(target=ask, args=(seed,)) for seed in (1, 13, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results[1] == results[2] == expected["beta", "The market"]
+    assert isinstance(results[13], openai.InternalServerError)
+    assert results[13].body["message"] == "generation failed: RuntimeError: injected" and "Traceback" not in str(results[13].body)
+
+
+# ---------------------------------------------------------------- limits on a slowed engine
+
+
+@pytest.fixture
+def slow_server(adapter_dirs, monkeypatch):
+    """One batch slot, two queue places, 20 ms per step; `seqs` collects every submitted sequence."""
+    engine = load_engine(adapter_dirs, max_tokens=32, device=torch.device("cpu"), max_batch=1, max_queue=2, log=quiet)
+    gate, seqs = threading.Event(), []
+    step, submit = engine.scheduler.step, engine.scheduler.submit
+
+    def slow_step():
+        gate.wait()
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(engine.scheduler, "step", slow_step)
+    monkeypatch.setattr(engine.scheduler, "submit", lambda new: (submit(new), seqs.extend(new)))
+    with running(engine, log=quiet) as srv:
+        yield srv.url, engine, gate, seqs
+        gate.set()
+
+
+def _wait(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _post(url: str, body: dict):
+    """(status, headers (case-insensitive), JSON body)"""
+    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def test_a_full_queue_answers_429_and_the_queued_complete(slow_server):
+    url, engine, gate, _ = slow_server
+    body = {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(_post(url, body))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    _wait(lambda: engine.scheduler.queued == 2)  # the engine is held at its gate: both wait
+    status, headers, error = _post(url, body)
+    assert status == 429 and headers.get("Retry-After") == "1" and "busy" in error["error"]["message"]
+    gate.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert [a[0] for a in answers] == [200, 200] and answers[0][2]["choices"] == answers[1][2]["choices"]
+
+
+def test_a_client_that_leaves_frees_its_slot(slow_server):
+    url, engine, gate, seqs = slow_server
+    gate.set()
+    host, port = url.removeprefix("http://").split(":")
+    for stream in (True, False):
+        n = len(seqs)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = {"model": "beta", "prompt": "The market", "max_tokens": 32, "temperature": 0, "stream": stream}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        _wait(lambda n=n: len(seqs) > n and len(seqs[n].tokens) >= 2)  # it is generating (20 ms a token, 32 tokens)
+        if stream:
+            assert conn.getresponse().status == 200
+        conn.sock.shutdown(2)
+        conn.close()
+        _wait(lambda n=n: seqs[n].done and engine.scheduler.batch_size == 0)
+        assert seqs[n].cancelled and len(seqs[n].tokens) < 32
+
+
+# ---------------------------------------------------------------- exactness of the batch
+
+
+@pytest.mark.parity
+def test_batched_logits_equal_each_request_alone(adapter_dirs):
+    """Mixed adapters and base, prompts of 1-12 tokens, requests joining mid-way and leaving early: every
+    row's logits equal those of its request alone (no batch, no cache, the adapter made active) to 1e-4."""
+    model, tok, _ = load_adapters(adapter_dirs)
+    model.eval()
+    texts = ["Once upon a time", "The", "A much longer prompt that goes on and on for a while", "The market", "x y z", "Markets rallied today after"]
+    adapters = ["alpha", "beta", BASE, "beta", "alpha", BASE]
+    settings = [Sampling(max_new_tokens=4 + 2 * k, temperature=0.0 if k % 2 else 0.9, seed=k, repetition_penalty=1.0 + 0.1 * (k % 3))
+                for k in range(len(texts))]
+
+    def sequences():
+        return [Sequence(tok(t)["input_ids"], a, s, quiet, k) for k, (t, a, s) in enumerate(zip(texts, adapters, settings))]
+
+    batched = sequences()
+    seen = {s: [] for s in batched}
+    scheduler = Scheduler(model, tok, max_batch=4)  # fewer slots than requests: some wait for others to leave
+    for k in range(60):
+        if k in (0, 2, 5):  # three arrivals: 3, 2, then 1 request
+            scheduler.submit(batched[{0: slice(0, 3), 2: slice(3, 5), 5: slice(5, 6)}[k]])
+        for seq, logits in scheduler.step().items():
+            seen[seq].append(logits)
+    assert all(s.done for s in batched) and sum(map(len, seen.values())) > 30
+    for seq in batched:
+        ids = torch.tensor([seq.prompt + seq.tokens[:-1]])
+        if seq.adapter == BASE:
+            with model.disable_adapter(), torch.no_grad():
+                alone = model(input_ids=ids).logits[0, len(seq.prompt) - 1 :]
+        else:
+            model.set_adapter(seq.adapter)
+            with torch.no_grad():
+                alone = model(input_ids=ids).logits[0, len(seq.prompt) - 1 :]
+        torch.testing.assert_close(torch.stack(seen[seq]), alone, atol=1e-4, rtol=0)
+    for seq, single in zip(batched, sequences()):  # the same tokens, greedy or seeded sampling, with no company
+        one = Scheduler(model, tok)
+        one.submit([single])
+        while not single.done:
+            one.step()
+        assert single.tokens == seq.tokens
+    assert len({tuple(s.tokens) for s in batched}) == len(batched)

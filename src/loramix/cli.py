@@ -39,11 +39,13 @@ def _parser() -> argparse.ArgumentParser:
 
     _generate_args(sub.add_parser("generate", help="sample text from a run, a PEFT adapter or a model dir"))
 
-    v = sub.add_parser("serve", help="OpenAI-compatible /v1/completions over one base and several adapters")
+    v = sub.add_parser("serve", help="OpenAI-compatible completions over one base and several adapters, batched together")
     v.add_argument("sources", type=Path, nargs="+", help="run dirs or PEFT adapter dirs of one base (named by their dir), or one model dir")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    v.add_argument("--max-batch", type=int, default=32, help="most sequences generated together, whatever their adapter")
+    v.add_argument("--max-queue", type=int, default=64, help="most prompts waiting for a batch slot; beyond, requests get 429")
     v.add_argument("--device", default="auto")
 
     r = sub.add_parser("report", help="write report.md and report.html (plots inlined) for one or more runs")
@@ -127,7 +129,7 @@ def _dispatch(args) -> int:
     elif args.command == "generate":
         _generate(args)
     elif args.command == "serve":
-        commands.serve_sources(args.sources, args.host, args.port, args.max_tokens, args.device, log=print)
+        commands.serve_sources(args.sources, args.host, args.port, args.max_tokens, args.device, args.max_batch, args.max_queue, log=print)
     elif args.command == "report":
         from loramix.report import build_report
 

@@ -97,8 +97,9 @@ def generate_text(source: Path, prompts: list[str], sampling: Sampling, device: 
     return generate(model.to(resolve_device(device)).eval(), tokenizer, prompts, sampling, stream=stream)
 
 
-def serve_sources(sources: list[Path], host: str, port: int, max_tokens: int, device: str = "auto", log=print) -> None:
+def serve_sources(sources: list[Path], host: str, port: int, max_tokens: int, device: str = "auto", max_batch: int = 32, max_queue: int = 64,
+                  log=print) -> None:
     """`loramix serve`: blocks until Ctrl-C."""
     from loramix.serve import serve
 
-    serve(sources, host, port, max_tokens, resolve_device(device), log=log)
+    serve(sources, host, port, max_tokens, resolve_device(device), max_batch, max_queue, log=log)

@@ -72,12 +72,12 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream=None) -> 
         )
     seconds = time.perf_counter() - start
     new = out[:, enc["input_ids"].shape[1] :]
-    texts = [_cut(tokenizer.decode(row, skip_special_tokens=True), s.stop) for row in new]
+    texts = [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), s.stop) for row in new]
     n_new = int((new != tokenizer.pad_token_id).sum())
     return texts, n_new / seconds if seconds else float("nan")
 
 
-def _cut(text: str, stop: tuple[str, ...]) -> str:
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """Text up to the first stop string (generate stops there, but may overshoot by part of a token)."""
     cuts = [text.index(x) for x in stop if x in text]
     return text[: min(cuts)] if cuts else text

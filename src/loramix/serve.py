@@ -1,227 +1,438 @@
-"""`loramix serve`: an OpenAI-compatible completions server over one base and several adapters.
+"""`loramix serve`: an OpenAI-compatible server (FastAPI + uvicorn) over one base and several adapters.
 
-    POST /v1/completions   {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", ...}
-    GET  /v1/models        the adapters (and "base")
+    POST /v1/completions       {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", ...}
+    POST /v1/chat/completions  {"model", "messages", ...}: only for a tokenizer with a chat template
+    GET  /v1/models            the adapters (and "base")
     GET  /health
+    GET  /metrics              Prometheus text format
 
-Requests are queued behind one lock, so concurrent requests never mix outputs or adapters. Every bad
-request gets a 4xx with an OpenAI-style error body; an unexpected failure a 500 without a stack trace.
+Generation runs in one `batching.Scheduler` thread that batches all requests, whatever their adapter; the
+event loop only validates, queues and streams. Limits: a full queue answers 429 with Retry-After, a body over
+`max_body` 413, a bad request 4xx with OpenAI's error body, a failed request 500 with a message (never a
+stack trace) while the others go on. A client that leaves frees its batch slot at the next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
+import secrets
+import socket
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from loramix.artifacts import MODEL, kind_of, load_adapters, load_for_generation
-from loramix.generate import Sampling, generate
+from loramix.batching import BASE, Event, QueueFull, Scheduler, Sequence
+from loramix.errors import LoramixError
+from loramix.generate import Sampling
 from loramix.model import context_length
+from loramix.serve_api import (
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatDelta,
+    ChatReply,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+)
 
-ALLOWED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n", "echo",
-           "user", "repetition_penalty", "logprobs", "frequency_penalty", "presence_penalty", "best_of", "suffix", "stream_options"}
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
 class Engine:
-    """The model with its named adapters, the tokenizer, and the lock that queues requests."""
+    """The scheduler (which owns the model), the tokenizer, and what may be asked of them."""
 
-    model: object
+    scheduler: Scheduler
     tokenizer: object
     adapters: list[str]
     max_tokens: int
-    lock: threading.Lock
+    context_window: int
 
     @property
     def names(self) -> list[str]:
-        return self.adapters + (["base"] if self.adapters else [])
+        return self.adapters + ["base"] if self.adapters else ["model"]
+
+    def adapter(self, name: str) -> str | None:
+        """What a row of the batch runs through: a PEFT adapter, BASE, or None (a model without adapters)."""
+        return None if not self.adapters else BASE if name == "base" else name
 
 
-def load_engine(sources: list[Path], max_tokens: int, device: torch.device) -> Engine:
-    """One base with every adapter in `sources` (run dirs or PEFT adapter dirs on the same base), or one model dir."""
+def load_engine(sources: list[Path], max_tokens: int, device: torch.device, max_batch: int = 32, max_queue: int = 64, log=print) -> Engine:
+    """One base with every adapter in `sources` (run dirs or PEFT adapter dirs on the same base), or one model dir.
+
+    Raises:
+        LoramixError: a limit below 1, or sources that cannot be served together.
+    """
+    limits = {"--max-tokens": max_tokens, "--max-batch": max_batch, "--max-queue": max_queue}
+    bad = [f"{flag}={value}" for flag, value in limits.items() if value < 1]
+    if bad:
+        raise LoramixError(f"{', '.join(bad)} must be >= 1")
     sources = [Path(s) for s in sources]
     if len(sources) == 1 and kind_of(sources[0]) == MODEL:
-        model, tok = load_for_generation(sources[0])
-        return Engine(model.to(device).eval(), tok, [], max_tokens, threading.Lock())
-    model, tok, names = load_adapters(sources)
-    return Engine(model.to(device).eval(), tok, names, max_tokens, threading.Lock())
+        (model, tok), names = load_for_generation(sources[0]), []
+    else:
+        model, tok, names = load_adapters(sources)
+    model = model.to(device).eval()
+    scheduler = Scheduler(model, tok, max_batch=max_batch, max_queue=max_queue, log=log)
+    return Engine(scheduler, tok, names, max_tokens, context_length(model.config) or 1024)
 
 
-def parse_request(body: bytes, engine: Engine) -> dict:
-    """Validate a completions request; raise BadRequest naming the field and what is allowed."""
-    try:
-        req = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the request body is not valid JSON ({e})") from None
-    if not isinstance(req, dict):
-        raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(req) - ALLOWED)
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-    model = req.get("model")
-    if engine.adapters and model not in engine.names:
-        raise BadRequest(f"model {model!r} is not served; choose one of: {', '.join(engine.names)}", 404, "model")
-    prompt = req.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise BadRequest("prompt must be a string or a non-empty list of strings", param="prompt")
-    if req.get("n", 1) != 1 or req.get("best_of", 1) != 1 or req.get("echo", False) or req.get("logprobs") is not None or req.get("suffix") is not None:
-        raise BadRequest("n, best_of, echo, logprobs and suffix are not supported (use their defaults)")
-    max_tokens = req.get("max_tokens", 16)
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= engine.max_tokens:
-        raise BadRequest(f"max_tokens must be an integer in [1, {engine.max_tokens}]", param="max_tokens")
-    stop = req.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise BadRequest("stop must be a string or a list of up to 4 non-empty strings", param="stop")
-    numbers = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "repetition_penalty": (0.0, 10.0)}
-    for key, (low, high) in numbers.items():
-        v = req.get(key)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not low <= v <= high or (key != "temperature" and v == 0)):
-            raise BadRequest(f"{key} must be a number in {'[' if key == 'temperature' else '('}{low}, {high}]", param=key)
-    n_pos = context_length(engine.model.config) or 1024
-    longest = max(len(engine.tokenizer(p)["input_ids"]) for p in prompts)
-    if longest + max_tokens > n_pos:
-        raise BadRequest(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the context window of {n_pos} tokens", param="prompt")
-    return {"model": model or (engine.names[0] if engine.names else "model"), "prompts": prompts, "max_tokens": max_tokens,
-            "temperature": float(req.get("temperature", 1.0)), "top_p": float(req.get("top_p", 1.0)), "top_k": int(req.get("top_k", 0) or 0),
-            "repetition_penalty": float(req.get("repetition_penalty", 1.0)), "stop": tuple(stop), "seed": int(req.get("seed", 0) or 0),
-            "stream": bool(req.get("stream", False))}
+class ApiError(Exception):
+    """An answer other than 200, with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.param, self.headers = status, param, headers
 
 
-def complete(engine: Engine, r: dict, stream=None) -> list[tuple[str, str, int]]:
-    """(text, finish_reason, completion tokens) per prompt, generated under the engine's lock."""
-    s = Sampling(r["max_tokens"], r["temperature"], r["top_k"], r["top_p"], r["repetition_penalty"], r["seed"], r["stop"])
-    with engine.lock:
-        if engine.adapters and r["model"] != "base":
-            engine.model.set_adapter(r["model"])
-        adapter_off = engine.adapters and r["model"] == "base"
-        out = []
-        with engine.model.disable_adapter() if adapter_off else contextlib.nullcontext():
-            for prompt in r["prompts"]:
-                (text,), _ = generate(engine.model, engine.tokenizer, [prompt], s, stream=stream)
-                n = len(engine.tokenizer(text)["input_ids"])
-                out.append((text, "length" if n >= r["max_tokens"] else "stop", n))
-        return out
+def error_response(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=None))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One request per call; `make_handler` binds the engine and the log."""
+class Metrics:
+    """Prometheus metrics in a registry of the app's own (two apps in one process never share counts)."""
 
-    protocol_version = "HTTP/1.1"
+    def __init__(self, scheduler: Scheduler):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("loramix_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
+        self.tokens = Counter("loramix_tokens", "Tokens of finished requests, by kind (prompt, completion) and model", ["kind", "model"], registry=r)
+        Gauge("loramix_queue_length", "Prompts waiting for a batch slot", registry=r).set_function(lambda: scheduler.queued)
+        Gauge("loramix_batch_size", "Sequences in the running batch", registry=r).set_function(lambda: scheduler.batch_size)
+        self.step_rows = Histogram("loramix_step_batch_size", "Rows per engine step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.latency = Histogram("loramix_request_latency_seconds", "Time from request to the last byte of the answer, by route", ["route"], registry=r)
+        self.first_text = Histogram("loramix_time_to_first_text_seconds", "Time from a streamed request to its first text", registry=r)
+
+
+@dataclass
+class Served:
+    """What the routes need: `request.app.state.served`."""
+
     engine: Engine
-    log = staticmethod(print)
+    metrics: Metrics
+    log: Callable[[str], None]
 
-    def log_message(self, fmt, *args):  # one line per request through our log
-        self.log(f"{self.address_string()} {fmt % args}")
 
-    def _json(self, status: int, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+# ---------------------------------------------------------------- requests in the engine
 
-    def _error(self, status: int, message: str, param: str | None = None) -> None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
 
-    def do_GET(self):
-        if self.path == "/health":
-            self._json(200, {"status": "ok"})
-        elif self.path == "/v1/models":
-            names = self.engine.names or ["model"]
-            self._json(200, {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "loramix"} for n in names]})
-        else:
-            self._error(404, f"no route {self.path}; use /v1/completions, /v1/models or /health")
+class Job:
+    """A request's sequences in the scheduler, and the events they send back to the event loop."""
 
-    def do_POST(self):
-        if self.path != "/v1/completions":
-            self._error(404, f"no route {self.path}; POST /v1/completions")
-            return
+    def __init__(self, model: str, prompts: list[list[int]], adapter: str | None, sampling: Sampling, stream: bool, metrics: Metrics):
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.events_in: asyncio.Queue[Event] = queue
+        emit = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # called from the scheduler's thread
+        self.seqs = [Sequence(ids, adapter, sampling, emit, k, stream) for k, ids in enumerate(prompts)]
+        self.model, self.metrics, self.start = model, metrics, time.perf_counter()
+        self.texts, self.finish, self.tokens = [""] * len(prompts), [None] * len(prompts), [0] * len(prompts)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event until all sequences ended.
+
+        Raises:
+            ApiError: 500 when a sequence failed (the others are cancelled).
+        """
+        open_ = len(self.seqs)
+        while open_:
+            event = await self.events_in.get()
+            if event.error:
+                self.cancel()
+                raise ApiError(500, f"generation failed: {event.error}")
+            if event.text and self.seqs[0].stream and not any(self.texts):
+                self.metrics.first_text.observe(time.perf_counter() - self.start)
+            self.texts[event.index] += event.text
+            self.tokens[event.index] = event.tokens
+            if event.finish_reason:
+                self.finish[event.index], open_ = event.finish_reason, open_ - 1
+            yield event
+        self.metrics.tokens.labels("prompt", self.model).inc(self.usage().prompt_tokens)
+        self.metrics.tokens.labels("completion", self.model).inc(self.usage().completion_tokens)
+
+    async def complete(self, request: Request) -> None:
+        """Wait for every sequence to end; a client that disconnects meanwhile cancels them."""
+        watch = asyncio.ensure_future(_cancel_on_disconnect(request, self))
         try:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            req = parse_request(body, self.engine)
-            if req["stream"]:
-                self._stream(req)
-                return
-            results = complete(self.engine, req)
-            usage_prompt = sum(len(self.engine.tokenizer(p)["input_ids"]) for p in req["prompts"])
-            usage_done = sum(n for _, _, n in results)
-            self._json(200, {
-                "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": req["model"],
-                "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f, _) in enumerate(results)],
-                "usage": {"prompt_tokens": usage_prompt, "completion_tokens": usage_done, "total_tokens": usage_prompt + usage_done},
-            })
-        except BadRequest as e:
-            self._error(e.status, str(e), e.param)
-        except Exception as e:  # never a stack trace to the client
-            self.log(f"error: {type(e).__name__}: {e}")
-            self._error(500, "internal error while generating; see the server log")
+            async for _ in self.events():
+                pass
+        finally:
+            watch.cancel()
 
-    def _stream(self, req: dict) -> None:
-        if len(req["prompts"]) != 1:
-            raise BadRequest("stream=true takes one prompt", param="prompt")
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            seq.cancel()
 
-        def chunk(text: str, finish: str | None) -> None:
-            event = {"id": cid, "object": "text_completion", "created": created, "model": req["model"],
-                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.flush()
-
-        emitted, done = [], False
-
-        def on_text(piece: str) -> None:
-            # Text arrives before stop strings are cut: emit up to the first stop string, then nothing.
-            nonlocal done
-            if done or not piece:
-                return
-            full = "".join(emitted) + piece
-            cuts = [full.index(x) for x in req["stop"] if x in full]
-            if cuts:
-                piece, done = full[: min(cuts)][len("".join(emitted)) :], True
-            if piece:
-                emitted.append(piece)
-                chunk(piece, None)
-
-        ((_, finish, _),) = complete(self.engine, req, stream=on_text)
-        chunk("", finish)
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+    def usage(self) -> Usage:
+        prompt, done = sum(len(s.prompt) for s in self.seqs), sum(self.tokens)
+        return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
 
-def make_handler(engine: Engine, log) -> type[Handler]:
-    return type("BoundHandler", (Handler,), {"engine": engine, "log": staticmethod(log)})
-
-
-def serve(sources: list[Path], host: str, port: int, max_tokens: int, device: torch.device, log=print) -> None:
-    engine = load_engine(sources, max_tokens, device)
-    server = ThreadingHTTPServer((host, port), make_handler(engine, log))
-    log(f"serving {', '.join(engine.names or ['model'])} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    # The body has been read: the next message is the disconnect (or the end of the response).
+    while (await request.receive())["type"] != "http.disconnect":
         pass
-    finally:
-        server.server_close()
+    job.cancel()
+
+
+def start_job(served: Served, req: SamplingFields, prompts: list[str], max_tokens: int | None) -> Job:
+    """Validate what depends on the served model, then queue the prompts (max_tokens None: as many as fit).
+
+    Raises:
+        ApiError: 404 for a model not served, 400 for a bad length or empty prompt, 429 when the queue is full.
+    """
+    engine = served.engine
+    model = req.model or engine.names[0]
+    if engine.adapters and model not in engine.names:
+        raise ApiError(404, f"model {model!r} is not served; choose one of: {', '.join(engine.names)}", "model")
+    ids = [engine.tokenizer(p)["input_ids"] for p in prompts]
+    if not all(ids):
+        raise ApiError(400, "a prompt is empty; give at least one token of text", "prompt")
+    longest = max(len(x) for x in ids)
+    max_tokens = max_tokens or max(1, min(engine.max_tokens, engine.context_window - longest))
+    if not 1 <= max_tokens <= engine.max_tokens:
+        raise ApiError(400, f"max_tokens must be an integer in [1, {engine.max_tokens}]", "max_tokens")
+    if longest + max_tokens > engine.context_window:
+        raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the context window of {engine.context_window} tokens", "prompt")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    seed = req.seed if req.seed is not None else secrets.randbits(63)  # unseeded requests differ, as OpenAI's do
+    sampling = Sampling(max_tokens, req.temperature, req.top_k, req.top_p, req.repetition_penalty, seed, stop)
+    job = Job(model, ids, engine.adapter(model), sampling, req.stream, served.metrics)
+    try:
+        engine.scheduler.submit(job.seqs)
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy: {e}; retry later", headers={"Retry-After": "1"}) from None
+    return job
+
+
+def _sse(obj: BaseModel) -> str:
+    return f"data: {obj.model_dump_json()}\n\n"
+
+
+def event_stream(job: Job, render: Callable[[Event], BaseModel], opening: BaseModel | None, usage: Callable[[Usage], BaseModel] | None) -> StreamingResponse:
+    """Server-sent events: `opening`, one chunk per event, the usage chunk when asked for, then [DONE].
+    A client that leaves ends the stream (Starlette cancels it) and so cancels the job."""
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            if opening is not None:
+                yield _sse(opening)
+            async for event in job.events():
+                yield _sse(render(event))
+            if usage is not None:
+                yield _sse(usage(job.usage()))
+            yield "data: [DONE]\n\n"
+        except ApiError as e:  # the status is sent already: the error goes in the stream, as OpenAI's does
+            yield _sse(ErrorResponse(error=ErrorBody(message=str(e), type="server_error", param=None, code=None)))
+        finally:
+            job.cancel()
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def completions(body: CompletionRequest, request: Request):
+    served: Served = request.app.state.served
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    job = start_job(served, body, prompts, body.max_tokens or 16)
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(id=cid, created=created, model=job.model, choices=choices, usage=usage)
+
+    if body.stream:
+        render = lambda e: completion([CompletionChoice(text=e.text, index=e.index, finish_reason=e.finish_reason)])
+        wants_usage = body.stream_options is not None and body.stream_options.include_usage
+        return event_stream(job, render, None, (lambda u: completion([], u)) if wants_usage else None)
+    await job.complete(request)
+    choices = [CompletionChoice(text=t, index=k, finish_reason=f) for k, (t, f) in enumerate(zip(job.texts, job.finish))]
+    return completion(choices, job.usage())
+
+
+async def chat_completions(body: ChatRequest, request: Request):
+    served: Served = request.app.state.served
+    tokenizer = served.engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions with a prompt", "messages")
+    prompt = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages], tokenize=False, add_generation_prompt=True)
+    job = start_job(served, body, [prompt], body.max_completion_tokens or body.max_tokens)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(delta: ChatDelta | None, finish: str | None = None, usage: Usage | None = None) -> ChatChunk:
+        choices = [] if delta is None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
+        return ChatChunk(id=cid, created=created, model=job.model, choices=choices, usage=usage)
+
+    if body.stream:
+        render = lambda e: chunk(ChatDelta(content=e.text), e.finish_reason)
+        wants_usage = body.stream_options is not None and body.stream_options.include_usage
+        return event_stream(job, render, chunk(ChatDelta(role="assistant", content="")), (lambda u: chunk(None, usage=u)) if wants_usage else None)
+    await job.complete(request)
+    choice = ChatChoice(index=0, message=ChatReply(content=job.texts[0]), finish_reason=job.finish[0])
+    return ChatCompletion(id=cid, created=created, model=job.model, choices=[choice], usage=job.usage())
+
+
+async def models(request: Request) -> ModelList:
+    return ModelList(data=[ModelCard(id=name) for name in request.app.state.served.engine.names])
+
+
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.served.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------- the app
+
+
+class CountRequests:
+    """ASGI middleware: every answer's status and latency into the metrics (streams until their last byte)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route, start, status = scope["path"] if scope["path"] in ROUTES else "other", time.perf_counter(), 500
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One line naming the field and what it takes, from pydantic's errors."""
+    errors = exc.errors()
+    unknown = [str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        return f"unknown field(s): {', '.join(unknown)}", unknown[0]
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})", None
+    fields = [str(x) for x in first["loc"][1:] if not str(x).startswith(("str", "list[", "function-"))]
+    if not fields:
+        return "the request body must be a JSON object", None
+    message, name = str(first["msg"]).removeprefix("Value error, "), ".".join(fields)
+    if first["type"] == "missing":
+        return f"{name} is required", fields[0]
+    return (message if message.startswith(fields[0]) else f"{name}: {message}"), fields[0]
+
+
+def build_app(engine: Engine, log=print, max_body: int = 1 << 20) -> FastAPI:
+    """The FastAPI app over `engine`; the engine's scheduler must run (`engine.scheduler.running()`)."""
+    app = FastAPI(title="loramix", max_body_size=max_body, strict_content_type=False, openapi_url=None)
+    app.state.served = Served(engine, Metrics(engine.scheduler), log)
+    engine.scheduler.on_step = app.state.served.metrics.step_rows.observe
+    app.add_middleware(CountRequests, metrics=app.state.served.metrics)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, str(exc), exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, *_validation_message(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(404, f"no route {request.url.path}; use POST /v1/completions or /v1/chat/completions, GET /v1/models, /health or /metrics")
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log(f"error: {type(exc).__name__}: {exc}")  # the trace stays in the server; the client gets one line
+        return error_response(500, "internal error; see the server log")
+
+    return app
+
+
+@dataclass
+class Running:
+    url: str  # http://host:port (the API is under /v1)
+    thread: threading.Thread
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl-C ends the block that started it)."""
+        while self.thread.is_alive():
+            self.thread.join(0.5)
+
+
+@contextlib.contextmanager
+def running(engine: Engine, host: str = "127.0.0.1", port: int = 0, log=print, max_body: int = 1 << 20) -> Iterator[Running]:
+    """The server on host:port (0: any free port) in a thread, its scheduler in another, until the block ends.
+
+    Raises:
+        LoramixError: the address cannot be bound, or the server did not start.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LoramixError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
+    config = uvicorn.Config(build_app(engine, log, max_body), log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="loramix-http", daemon=True)
+    with engine.scheduler.running():
+        thread.start()
+        try:
+            while not server.started and thread.is_alive():
+                time.sleep(0.01)
+            if not server.started:
+                raise LoramixError(f"the server on {host}:{port} did not start; see the messages above")
+            yield Running(f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}", thread)
+        finally:
+            server.should_exit = True
+            thread.join()
+            sock.close()
+
+
+def serve(sources: list[Path], host: str, port: int, max_tokens: int, device: torch.device, max_batch: int = 32, max_queue: int = 64, log=print) -> None:
+    """Serve until Ctrl-C."""
+    engine = load_engine(sources, max_tokens, device, max_batch, max_queue, log)
+    with running(engine, host, port, log) as server:
+        log(f"serving {', '.join(engine.names)} on {server.url}/v1 (batches of up to {max_batch}, {max_queue} waiting; Ctrl-C stops)")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.wait()

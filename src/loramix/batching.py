@@ -1,0 +1,412 @@
+"""Continuous batching: one scheduler thread owns the model, and requests for different adapters share a batch.
+
+Every step is one forward with the KV cache: the running rows decode their next token, and prompts waiting
+for a slot join them in the same forward (their prefill); then every row samples its next token with its own
+settings and torch.Generator, and rows that finished (or whose client left) leave. Each row runs through its
+own adapter, or none, by PEFT's mixed-adapter batches (`adapter_names=`), never by switching the model's
+active adapter.
+
+Rows share the cache's columns; a column a row does not use is masked (left padding, and the stretch a
+running row spends while a new prompt is prefilled), and position ids count each row's own tokens from 0
+(GPT-2 has learned absolute positions), so a row's logits are those of the same request alone. The cache is
+compacted (each row's tokens moved right, unused columns dropped) whenever rows join or leave.
+
+    step with a new prompt:  cache          | inputs
+      running row            [p p p t t t]  | [-  -  t]   positions  . . 6
+      new row                [- - - - - -]  | [p  p  p]   positions  0 1 2
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from loramix.generate import Sampling, cut_at_stop
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """The waiting queue holds `max_queue` prompts already."""
+
+
+@dataclass
+class Event:
+    """What a sequence sends back: new text, and once it ended, why (or the error that ended it)."""
+
+    index: int  # the prompt's place in its request
+    text: str
+    finish_reason: str | None = None  # "stop", "length", "cancelled"; None while it runs
+    tokens: int = 0  # completion tokens so far
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt of a request, from the queue to its last token.
+
+    `adapter` names a PEFT adapter of the model, or is BASE (the base alone), or None for a model without adapters.
+    `emit` is called from the scheduler's thread: with text as it settles when `stream`, else once, at the end.
+    """
+
+    prompt: list[int]
+    adapter: str | None
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    index: int = 0
+    stream: bool = True
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text emitted so far
+    done: bool = False
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Leave at the next step (a flag: safe from any thread)."""
+        self.cancelled = True
+
+
+@dataclass
+class _Rows:
+    """Sequences batched together with their KV cache ((B, H, L, D) per layer) and attention mask (B, L)."""
+
+    seqs: list[Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor
+
+
+class Scheduler:
+    """Owns the model: `submit` from any thread; `step` (or the thread of `running`) generates.
+
+    Args:
+        model: a causal LM in eval mode; a PeftModel when sequences name adapters.
+        tokenizer: decodes tokens to text; its EOS ends a sequence.
+        max_batch: most sequences in the running batch.
+        max_queue: most prompts waiting for a slot; `submit` raises QueueFull beyond.
+        on_step: called with the number of rows after every step (metrics).
+        log: one line per failed sequence.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 64, on_step: Callable[[int], None] | None = None, log=print):
+        self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
+        self.on_step, self.log = on_step, log
+        self.eos = tokenizer.eos_token_id
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._rows: _Rows | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        rows = self._rows
+        return len(rows.seqs) if rows else 0
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences, all or none.
+
+        Raises:
+            QueueFull: `max_queue` prompts are waiting already.
+        """
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} prompts are waiting for a batch slot (the limit)")
+            self._waiting.extend(seqs)
+            self._wake.notify()
+
+    # ------------------------------------------------------------ the loop
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Generate in a thread of its own while the block runs; sequences still open at exit fail."""
+        thread = threading.Thread(target=self._loop, name="loramix-scheduler", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._stopping = True
+                self._wake.notify()
+            thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._rows):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 (a bug in the loop itself: fail what is open, keep serving)
+                self._fail_all(f"{type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        with self._wake:
+            left = list(self._waiting) + (self._rows.seqs if self._rows else [])
+            self._waiting.clear()
+            self._rows = None
+        for seq in left:
+            self._fail(seq, message)
+
+    def step(self) -> dict[Sequence, torch.Tensor]:
+        """One forward for the whole batch: the next token of the running rows and the prompts of the admitted
+        ones; then every row samples. Returns the logits (V,) each row sampled from, by sequence."""
+        self._leave(lambda s: s.cancelled, "cancelled")
+        new, running = self._admit(), self._rows
+        seqs = (running.seqs if running else []) + new
+        if not seqs:
+            return {}
+        out = self._guarded(seqs, lambda: self._forward(running, new))
+        if out is None:
+            self._rows = None  # its rows failed, and its cache may be half updated
+            return {}
+        self._rows, logits = out
+        for seq, token in zip(seqs, self._choose(seqs, logits)):
+            if token is not None:
+                self._advance(seq, token)
+        self._leave(lambda s: s.done, None)
+        if new and self._rows:
+            self._rows = _compact(self._rows)  # the running rows' columns for the new prompts are holes
+        if self.on_step is not None:
+            self.on_step(len(seqs))
+        return dict(zip(seqs, logits))
+
+    def _admit(self) -> list[Sequence]:
+        new = []
+        with self._wake:
+            while self._waiting and self.batch_size + len(new) < self.max_batch:
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    self._emit(seq, Event(seq.index, "", "cancelled"))
+                else:
+                    new.append(seq)
+        return new
+
+    def _guarded(self, seqs: list[Sequence], forward: Callable[[], T]) -> T | None:
+        """What `forward` returns; if it fails, its rows fail (None) and the queue is spared."""
+        try:
+            return forward()
+        except Exception as e:  # noqa: BLE001 (one bad batch must not stop the server)
+            for seq in seqs:
+                self._fail(seq, f"{type(e).__name__}: {e}")
+            return None
+
+    # ------------------------------------------------------------ forwards
+
+    def _forward(self, running: _Rows | None, new: list[Sequence]) -> tuple[_Rows, torch.Tensor]:
+        """The batch after one forward, and the logits (B, V) of every row's last position, each row through
+        its own adapter."""
+        seqs = (running.seqs if running else []) + new
+        ids, positions, mask, cache = _step_inputs(running, new, self.model.device)
+        adapters = [s.adapter for s in seqs]
+        extra = {"adapter_names": adapters} if any(a is not None for a in adapters) else {}
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        return _Rows(seqs, cache, mask), out.logits[:, -1].float()
+
+    # ------------------------------------------------------------ sampling and text
+
+    def _choose(self, seqs: list[Sequence], rows: torch.Tensor) -> list[int | None]:
+        """Every row's next token, sampled as one batch; if that fails, row by row, so that only the rows
+        that fail alone fail (None)."""
+        try:
+            return sample_rows(rows, seqs)
+        except Exception:  # noqa: BLE001 (find the row at fault below)
+            tokens = []
+            for seq, row in zip(seqs, rows):
+                try:
+                    tokens += sample_rows(row[None], [seq])
+                except Exception as e:  # noqa: BLE001 (this request fails; the batch goes on)
+                    self._fail(seq, f"{type(e).__name__}: {e}")
+                    tokens.append(None)
+            return tokens
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        """Append seq's next token, send the text that is final by now, and end it on EOS, a stop string or its length."""
+        try:
+            seq.tokens.append(token)
+            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            s = seq.sampling
+            cut = cut_at_stop(text, s.stop)
+            if token == self.eos or len(cut) < len(text) or len(seq.tokens) >= s.max_new_tokens:
+                seq.done = True
+                reason = "length" if token != self.eos and len(cut) == len(text) else "stop"
+                self._emit(seq, Event(seq.index, cut[seq.sent :], reason, len(seq.tokens)))
+                return
+            end = _settled(text, s.stop) if seq.stream else 0
+            if end > seq.sent:
+                self._emit(seq, Event(seq.index, text[seq.sent : end], None, len(seq.tokens)))
+                seq.sent = end
+        except Exception as e:  # noqa: BLE001 (this request fails; the batch goes on)
+            self._fail(seq, f"{type(e).__name__}: {e}")
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.emit(event)
+        except Exception:  # noqa: BLE001 (the receiver is gone, its event loop closed: nobody to tell)
+            seq.cancelled = True
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        self.log(f"request failed: {message}")
+        seq.done = True
+        self._emit(seq, Event(seq.index, "", None, len(seq.tokens), error=message))
+
+    def _leave(self, gone: Callable[[Sequence], bool], reason: str | None) -> None:
+        """Rows for which `gone` holds leave the batch (sent `reason` when it is set); leading pad columns no row needs go too."""
+        rows = self._rows
+        if rows is None:
+            return
+        keep = [k for k, s in enumerate(rows.seqs) if not gone(s)]
+        for s in rows.seqs:
+            if gone(s) and reason:
+                s.done = True
+                self._emit(s, Event(s.index, "", reason, len(s.tokens)))
+        if len(keep) == len(rows.seqs):
+            return
+        if not keep:
+            self._rows = None
+            return
+        index = torch.tensor(keep, device=rows.mask.device)
+        kv = [(layer.keys[index], layer.values[index]) for layer in rows.cache.layers]
+        self._rows = _compact(_Rows([rows.seqs[k] for k in keep], DynamicCache(kv), rows.mask[index]))
+
+
+def _step_inputs(running: _Rows | None, new: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    """Input ids and position ids (B, W), attention mask (B, L + W) and cache of one step, W the longest new
+    prompt (1 without one): a running row's last token at the right with masked pads before it; a new row's
+    prompt left-padded, after masked columns as long as the running cache (zeros in it)."""
+    width = max([len(s.prompt) for s in new], default=1)
+    ids, positions, mask = [], [], []
+    counts = running.mask.sum(1).tolist() if running else []  # a row's tokens so far: the position of its next one
+    for seq, count in zip(running.seqs if running else [], counts):
+        ids.append([0] * (width - 1) + [seq.tokens[-1]])  # pad ids are masked out
+        positions.append([0] * (width - 1) + [count])
+        mask.append([0] * (width - 1) + [1])
+    for seq in new:
+        pad = width - len(seq.prompt)
+        ids.append([0] * pad + seq.prompt)
+        positions.append([0] * pad + list(range(len(seq.prompt))))
+        mask.append([0] * pad + [1] * len(seq.prompt))
+    tensors = [torch.tensor(x, device=device) for x in (ids, positions, mask)]
+    if running is None:
+        return *tensors, DynamicCache()
+    more = (0, 0, 0, 0, 0, 0, 0, len(new))  # rows of zeros for the new sequences under the running rows' columns (B, H, L, D)
+    cache = DynamicCache([(F.pad(x.keys, more), F.pad(x.values, more)) for x in running.cache.layers]) if new else running.cache
+    return tensors[0], tensors[1], torch.cat([F.pad(running.mask, (0, 0, 0, len(new))), tensors[2]], 1), cache
+
+
+def _compact(rows: _Rows) -> _Rows:
+    """The batch with every row's real columns moved to the right, in order, and the columns no row needs
+    any more dropped (positions are per row, not per column, so a token's column may move)."""
+    width = int(rows.mask.sum(1).max())
+    if width == rows.mask.shape[1]:
+        return rows
+    # a stable sort of each row's 0/1 mask puts its pads first and its tokens last, each kept in order
+    index = torch.sort(rows.mask, dim=1, stable=True).indices[:, -width:]  # (B, width)
+    kv = []
+    for layer in rows.cache.layers:
+        at = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        kv.append((layer.keys.gather(2, at), layer.values.gather(2, at)))
+    return _Rows(rows.seqs, DynamicCache(kv), rows.mask.gather(1, index))
+
+
+def _settled(text: str, stop: tuple[str, ...]) -> int:
+    """How much of `text` cannot change any more: not a trailing partial character (U+FFFD from a split
+    byte sequence), nor a tail that may grow into a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    held = max((k for s in stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+    return end - held
+
+
+def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """The next token of every row of `logits` (B, V), each under its sequence's own settings and generator:
+    repetition penalty as transformers applies it, then greedy at temperature 0, else temperature, top-k and
+    top-p, and one uniform draw from the sequence's generator (so a seeded row draws the same alone or batched)."""
+    logits = _penalized(logits, seqs)
+    tokens = [0] * len(seqs)
+    for greedy in (True, False):  # each kind of row picked as one batch (V is large: no row is worked on twice)
+        rows = [k for k, seq in enumerate(seqs) if (seq.sampling.temperature == 0) == greedy]
+        if rows:
+            part = logits if len(rows) == len(seqs) else logits[rows]
+            picks = part.argmax(-1).tolist() if greedy else _draw(part, [seqs[k] for k in rows])
+            for k, token in zip(rows, picks):
+                tokens[k] = token
+    return tokens
+
+
+def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Logits of tokens already in a sequence (prompt or output) divided by its penalty (multiplied when negative)."""
+    if all(seq.sampling.repetition_penalty == 1.0 for seq in seqs):
+        return logits
+    logits = logits.clone()
+    for row, seq in zip(logits, seqs):
+        penalty = seq.sampling.repetition_penalty
+        if penalty != 1.0:
+            seen = torch.tensor(seq.prompt + seq.tokens, device=logits.device).unique()
+            scores = row[seen]
+            row[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits
+
+
+def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """One token per row by inverse CDF in vocabulary order: the same draw picks the same token whether the
+    row is sampled alone or among rows of other settings."""
+    settings, device = [seq.sampling for seq in seqs], logits.device
+    ids, logits = _candidates(logits / torch.tensor([s.temperature for s in settings], device=device)[:, None], [s.top_k for s in settings])
+    probs = logits.softmax(-1)
+    nucleus = [k for k, s in enumerate(settings) if s.top_p < 1]
+    if nucleus:
+        probs[nucleus] = _nucleus(probs[nucleus], torch.tensor([settings[k].top_p for k in nucleus], device=device)[:, None])
+    for seq in seqs:
+        if seq.generator is None:
+            seq.generator = torch.Generator(device).manual_seed(seq.sampling.seed)
+    # u in (0, 1]: the first token whose cumulative mass reaches u * total has mass > 0
+    u = torch.stack([1 - torch.rand((), generator=seq.generator, device=device) for seq in seqs])
+    cdf = probs.cumsum(-1)
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
+    return (picks if ids is None else ids.gather(1, picks)).squeeze(1).tolist()
+
+
+def _candidates(logits: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Logits with each row's top-k applied (0: all tokens). When every row has a top-k, only the largest k
+    columns are kept, in vocabulary order, with their token ids (B, k); else the ids are None (all, in order)."""
+    vocab = logits.shape[-1]
+    ks = [min(k, vocab) if k else vocab for k in top_k]
+    ids = None
+    if max(ks) < vocab:  # sampling needs only these columns: a softmax over (B, k) instead of (B, V)
+        ids = logits.topk(max(ks)).indices.sort(-1).values
+        logits = logits.gather(1, ids)
+    limited = [r for r, k in enumerate(ks) if k < logits.shape[-1]]
+    if limited:
+        k = torch.tensor([ks[r] for r in limited], device=logits.device)
+        kth = logits[limited].topk(int(k.max())).values.gather(1, (k - 1)[:, None])  # each row's k-th largest
+        logits[limited] = logits[limited].masked_fill(logits[limited] < kth, float("-inf"))
+    return ids, logits
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`probs` (B, V) with all but each row's nucleus zeroed: its fewest most likely tokens whose mass reaches
+    top_p (B, 1). The nucleus is sought among the top 64, 512, ... tokens, so the vocabulary is sorted
+    whole only for a row whose nucleus is that wide (a flat distribution)."""
+    k, vocab = 64, probs.shape[-1]
+    while True:
+        ordered, order = probs.topk(min(k, vocab))  # (B, k), descending
+        if k >= vocab or bool((ordered.sum(-1, keepdim=True) >= top_p).all()):
+            break
+        k *= 8
+    beyond = ordered.cumsum(-1) - ordered >= top_p  # the mass before them reaches top_p already; the first always stays
+    return torch.zeros_like(probs).scatter(1, order, ordered.masked_fill(beyond, 0.0))
