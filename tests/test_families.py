@@ -156,16 +156,44 @@ def test_loss_equals_the_stock_loss(root, model_type):
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_serves_the_adapter(runs, model_type):
-    from loramix.serve import complete, load_engine
+    """The batching server (adapter and base rows in one batch) answers as the merged adapter does."""
+    import urllib.request
+
+    from loramix.serve import load_engine, running
 
     run_dir = runs(model_type).run_dir
-    engine = load_engine([run_dir], max_tokens=8, device=torch.device("cpu"))
     model, tok = artifacts.load_for_generation(run_dir)
     (expected,), _ = generate(model, tok, ["the market"], Sampling(max_new_tokens=4))
-    request = {"model": run_dir.name, "prompts": ["the market"], "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-               "repetition_penalty": 1.0, "stop": (), "seed": 0, "stream": False}
-    ((text, _, _),) = complete(engine, request)
-    assert text == expected
+    engine = load_engine([run_dir], max_tokens=8, device=torch.device("cpu"), log=lambda *a: None)
+    with running(engine, log=lambda *a: None) as srv:
+        body = json.dumps({"model": run_dir.name, "prompt": ["the market", "the cat"], "max_tokens": 4, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{srv.url}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            choices = json.loads(r.read())["choices"]
+    assert choices[0]["text"] == expected
+
+
+def test_opt_serves_adapter_and_base_rows_in_turn(runs):
+    """OPT's MLP folds the batch into the token dimension, so PEFT cannot mix adapters in one forward:
+    the scheduler batches one adapter at a time, and an adapter row and a base row queued together each
+    get their own model's greedy text."""
+    from loramix.batching import BASE, Sequence
+    from loramix.serve import load_engine
+
+    run_dir = runs("opt").run_dir
+    engine = load_engine([run_dir], max_tokens=8, device=torch.device("cpu"), log=lambda *a: None)
+    assert not engine.scheduler.mixes
+    tok, events = engine.tokenizer, []
+    prompts = {run_dir.name: "the market", BASE: "the cat sat"}
+    engine.scheduler.submit([Sequence(tok(p)["input_ids"], name, Sampling(max_new_tokens=4), events.append, index=k, stream=False)
+                             for k, (name, p) in enumerate(prompts.items())])
+    while engine.scheduler.queued or engine.scheduler.batch_size:
+        assert engine.scheduler.step() is not None and engine.scheduler.batch_size <= 1
+    merged, _ = artifacts.load_for_generation(run_dir)
+    base = load_base_model(artifacts.load_run_config(run_dir).model, 64).eval()
+    for (name, prompt), event in zip(prompts.items(), sorted(events, key=lambda e: e.index)):
+        (expected,), _ = generate(merged if name == run_dir.name else base, tok, [prompt], Sampling(max_new_tokens=4))
+        assert event.error is None and event.text == expected
 
 
 def test_readme_family_table():

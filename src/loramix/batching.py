@@ -4,7 +4,9 @@ Every step is one forward with the KV cache: the running rows decode their next 
 for a slot join them in the same forward (their prefill); then every row samples its next token with its own
 settings and torch.Generator, and rows that finished (or whose client left) leave. Each row runs through its
 own adapter, or none, by PEFT's mixed-adapter batches (`adapter_names=`), never by switching the model's
-active adapter.
+active adapter. A model whose layers fold the batch into the token dimension before an adapted module
+(OPT's MLP) cannot mix adapters in one forward: there a batch holds one adapter's rows at a time, run with
+that adapter active, and requests for other adapters wait for it to drain.
 
 Rows share the cache's columns; a column a row does not use is masked (left padding, and the stretch a
 running row spends while a new prompt is prefilled), and position ids count each row's own tokens from 0
@@ -100,6 +102,7 @@ class Scheduler:
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self.on_step, self.log = on_step, log
         self.eos = tokenizer.eos_token_id
+        self.mixes = _mixes_adapters(model)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: _Rows | None = None
         self._wake = threading.Condition()
@@ -186,14 +189,19 @@ class Scheduler:
         return dict(zip(seqs, logits))
 
     def _admit(self) -> list[Sequence]:
-        new = []
+        new, passed = [], []
         with self._wake:
+            adapter = self._rows.seqs[0].adapter if self._rows else None
             while self._waiting and self.batch_size + len(new) < self.max_batch:
                 seq = self._waiting.popleft()
                 if seq.cancelled:
                     self._emit(seq, Event(seq.index, "", "cancelled"))
-                else:
+                elif self.mixes or (adapter or seq.adapter) == seq.adapter or not (self._rows or new):
+                    adapter = adapter or seq.adapter
                     new.append(seq)
+                else:  # another adapter, on a model that cannot mix them: it waits, in order
+                    passed.append(seq)
+            self._waiting.extendleft(reversed(passed))
         return new
 
     def _guarded(self, seqs: list[Sequence], forward: Callable[[], T]) -> T | None:
@@ -213,8 +221,8 @@ class Scheduler:
         seqs = (running.seqs if running else []) + new
         ids, positions, mask, cache = _step_inputs(running, new, self.model.device)
         adapters = [s.adapter for s in seqs]
-        extra = {"adapter_names": adapters} if any(a is not None for a in adapters) else {}
-        with torch.inference_mode():
+        extra = {"adapter_names": adapters} if self.mixes and any(a is not None for a in adapters) else {}
+        with torch.inference_mode(), contextlib.nullcontext() if extra or adapters[0] is None else _only(self.model, adapters[0]):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
         return _Rows(seqs, cache, mask), out.logits[:, -1].float()
 
@@ -283,6 +291,31 @@ class Scheduler:
         index = torch.tensor(keep, device=rows.mask.device)
         kv = [(layer.keys[index], layer.values[index]) for layer in rows.cache.layers]
         self._rows = _compact(_Rows([rows.seqs[k] for k in keep], DynamicCache(kv), rows.mask[index]))
+
+
+def _mixes_adapters(model) -> bool:
+    """Whether PEFT's mixed-adapter batches work on this model: every adapted module must see the batch
+    as its first dimension (OPT's MLP sees batch x tokens, which PEFT refuses). Probed with hooks of our
+    own on a plain forward (a refused mixed forward would leave PEFT's hooks behind)."""
+    from peft.tuners.lora import LoraLayer
+
+    rows: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: rows.add(args[0].shape[0])) for m in model.modules() if isinstance(m, LoraLayer)]
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.zeros((2, 3), dtype=torch.long, device=model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows <= {2}
+
+
+def _only(model, adapter: str):
+    """The model with one adapter active (BASE: none), for a batch of that adapter's rows alone."""
+    if adapter == BASE:
+        return model.disable_adapter()
+    model.set_adapter(adapter)
+    return contextlib.nullcontext()
 
 
 def _step_inputs(running: _Rows | None, new: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
