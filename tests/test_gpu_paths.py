@@ -169,8 +169,8 @@ def test_compiled_body_matches_eager_and_does_not_recompile_every_step(device, m
     """1 layer, fp32, dropout off (compiled code draws other dropout masks than eager), micro-batches of 2
     packed rows whose length varies: train losses agree to 1e-4 relative, and after the two graphs packed
     rows need (with and without a block mask) nothing compiles again. Both runs stop after step 6 of 8,
-    before any evaluation, whose graphs would cost more compilation. Costs about 60 s on 2 CPU cores with a
-    cold inductor cache (~20 s warm), nearly all of it compilation."""
+    before any evaluation, whose graphs would cost more compilation. Costs about 50 s on 2 busy CPU cores
+    with a cold inductor cache, 20-25 s with a warm one (/tmp/torchinductor_$USER), nearly all of it compilation."""
     from torch._dynamo.utils import counters
 
     extra = ["model.n_layer=1", "model.dropout=0", "lora.dropout=0", "train.precision=fp32", "train.batch_unit=rows",
