@@ -51,7 +51,7 @@ echo "== wheels installed ($SECONDS s); nvidia-smi:"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
 echo "== pytest -m gpu"
-timeout 240 $PY -m pytest -m gpu tests/test_gpu_paths.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest-gpu.log"
+timeout 240 $PY -m pytest -m gpu tests/test_gpu_paths.py -o addopts= -q -rs -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest-gpu.log"
 PYTEST_RC=${PIPESTATUS[0]}
 echo "== pytest done ($SECONDS s, exit code $PYTEST_RC); timings:"
 # GPU_CHECK_ARGS: more options for gpu_check.py, e.g. "--max-steps 2000" when time is short (the table scales to 6,375)
