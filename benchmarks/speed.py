@@ -40,7 +40,7 @@ def overrides(spec: dict) -> list[str]:
         "model.init=random", f"model.n_layer={spec['layers']}", f"model.n_embd={spec['width']}", f"model.n_head={spec['heads']}",
         f"data.local_dir={spec['data']}", f"data.cap={spec['docs_per_source']}", f"data.cache_dir={spec['work']}/cache",
         "train.epochs=1", f"train.lr={spec['lr']}", f"train.warmup_steps={spec['warmup']}", "train.log_every=1",
-        "train.eval_every=null", "checkpoint.every=null", f"train.device={spec['device']}",
+        "train.eval_every=null", "checkpoint.every=null", f"train.device={spec['device']}", *spec.get("extra", []),
     ]
 
 
@@ -242,9 +242,10 @@ WORKERS = {
 # ----------------------------------------------------------------------------- orchestration
 
 
-def run_worker(name: str, spec: dict) -> dict:
+def run_worker(name: str, spec: dict, script: str = __file__) -> dict:
+    """`script --worker name` in its own process (so peak memory is its own); its JSON result."""
     out = Path(spec["work"]) / f"{name}.json"
-    cmd = [sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec), "--worker-out", str(out)]
+    cmd = [sys.executable, script, "--worker", name, "--spec", json.dumps(spec), "--worker-out", str(out)]
     print(f"  running {name} ...", flush=True)
     t = time.perf_counter()
     quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
@@ -342,6 +343,11 @@ def replace_section(path: Path, key: str, env: dict, text: str, args) -> None:
     body = (f"<!-- {key} -->\nMeasured {env['date']}: {env['cpu']}, {env['cores']} cores ({env['threads']} torch threads)"
             f"{', ' + env['gpu'] if env['gpu'] else ''}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']},"
             f" peft {env['peft']}. Command: `{cmd}`.\n\n{text}\n<!-- /{key} -->")
+    write_section(path, key, body)
+
+
+def write_section(path: Path, key: str, body: str) -> None:
+    """Replace the text between `<!-- key -->` and `<!-- /key -->` (both in `body`), or append it."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     start, end = old.find(f"<!-- {key} -->"), old.find(f"<!-- /{key} -->")
     new = old[:start] + body + old[end + len(f"<!-- /{key} -->"):] if start >= 0 and end >= 0 else old.rstrip() + "\n\n" + body + "\n"

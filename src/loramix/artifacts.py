@@ -265,5 +265,5 @@ def environment() -> dict:
         "peft": peft.__version__,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,  # this process's GPU
     }

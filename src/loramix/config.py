@@ -166,13 +166,14 @@ class TrainConfig:
     weight_decay: NonNegative[Float] = F(0.01, "AdamW weight decay")
     warmup_steps: NonNegative[Int] = F(100, "linear warmup steps before linear decay to 0")
     clip: NonNegative[Float] = F(1.0, "max gradient norm (0 disables clipping)")
-    precision: Choice[Literal["auto", "fp32", "fp16", "bf16"]] = F("auto", "'auto': bf16 where the GPU has it, else fp16 with a grad scaler on CUDA, fp32 on CPU")
+    precision: Choice[Literal["auto", "fp32", "fp16", "bf16"]] = F("auto", "'auto': bf16 where the GPU has it, else fp16 with a grad scaler on CUDA, fp32 on CPU (fp16 and bf16 run there too, slowly)")
     eval_every: Positive[Int] | None = F(None, "validate every N optimizer steps (always at the end)")
     log_every: Positive[Int] = F(10, "log the training loss every N optimizer steps")
     seed: Int = F(0, "seed for data order, dropout and LoRA init")
     resume: Choice[Literal["never", "auto"]] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it")
     nonfinite_patience: Positive[Int] = F(20, "stop after this many consecutive steps with non-finite loss or gradients (each one is skipped)")
     compile: Choice[Literal["auto", "on", "off"]] = F("auto", "torch.compile the transformer body: 'auto' = on CUDA only (see benchmarks/RESULTS.md for CPU)")
+    prefetch: Choice[Literal["auto", "on", "off"]] = F("auto", "build the next steps' batches in a DataLoader worker process while the device computes: 'auto' = on CUDA only")
     device: Device = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 
 
@@ -213,7 +214,7 @@ class Config:
 
     def fingerprint(self, world: int = 1) -> str:
         """A short hash of what decides the training trajectory, saved with checkpoints to refuse a
-        mismatched resume. How often to checkpoint and whether to resume do not change it; nor does the
+        mismatched resume. How often to checkpoint, whether to resume and where batches are built do not change it; nor does the
         process count, as long as the global batch (micro_batch x grad_accum x processes) stays the same."""
         blob = json.dumps(_trajectory(self, world), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -224,6 +225,7 @@ def _trajectory(cfg: Config, world: int) -> dict:
     d.pop("checkpoint")
     d.pop("track")
     d["train"].pop("resume")
+    d["train"].pop("prefetch")  # where batches are built, not what they hold
     d["train"]["global_batch"] = d["train"]["micro_batch"] * d["train"].pop("grad_accum") * world
     return d
 

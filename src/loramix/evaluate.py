@@ -97,21 +97,27 @@ def evaluate(model, rows: list[Row], sources: list[str], device, pad_id: int,
 
     Under torchrun each process scores every world-th row and the token-weighted sums are added up
     across processes, so the result equals the one-process result exactly (up to float summation).
-    Without a `batch_size`, a GPU starts at 128 rows and halves on out-of-memory (the result's
-    `batch_size` says what fitted, for the next call; one process only); a CPU uses 8.
+    Without a `batch_size`, the search starts at `first_batch_size(device)` rows (128 on a GPU) and halves
+    on out-of-memory (the result's `batch_size` says what fitted, for the next call; one process only).
 
     Raises:
         LoramixError: out of GPU memory at an explicit batch size, or at one row.
     """
-    size = batch_size or (128 if torch.device(device).type == "cuda" else 8)
+    size = batch_size or first_batch_size(device)
     while True:
         try:
             return _evaluate(model, rows[dist.rank :: dist.world], sources, device, pad_id, size, autocast, dist, progress)
         except torch.OutOfMemoryError:
             if batch_size or size == 1 or dist.world > 1:
                 raise LoramixError(f"evaluation ran out of GPU memory at {size} rows per batch; set a smaller eval.batch_size") from None
-            size //= 2
-            torch.cuda.empty_cache()
+        # Outside the handler: the traceback no longer holds the failed batch's tensors, so their memory is free.
+        size //= 2
+        torch.cuda.empty_cache()
+
+
+def first_batch_size(device) -> int:
+    """Where the evaluation batch-size search starts: 128 rows on a GPU (it halves on out-of-memory), 8 on a CPU."""
+    return 128 if torch.device(device).type == "cuda" else 8
 
 
 @torch.no_grad()

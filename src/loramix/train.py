@@ -330,13 +330,15 @@ class _StepBatches(torch.utils.data.Dataset):
 
 
 def _batches(loop: Loop, steps: list[Step]) -> torch.utils.data.DataLoader:
-    """The steps' batches in order. On CUDA a DataLoader worker builds the next steps' batches while the
-    GPU computes, and its pin-memory thread page-locks them for asynchronous copies; on CPU, inline."""
+    """The steps' batches in order. With train.prefetch ('auto': on CUDA) a DataLoader worker process
+    builds the next steps' batches while the device computes; otherwise the training process builds each
+    one when it is due. On CUDA the pin-memory thread page-locks them for asynchronous copies."""
     cuda = loop.device.type == "cuda"
+    prefetch = loop.cfg.train.prefetch == "on" or (loop.cfg.train.prefetch == "auto" and cuda)
     # A private generator: the DataLoader draws a worker seed when iterated, which from the global
     # generator would shift the dropout stream and break the exact resume.
-    return torch.utils.data.DataLoader(_StepBatches(loop, steps), batch_size=None, num_workers=1 if cuda else 0,
-                                       pin_memory=cuda, prefetch_factor=4 if cuda else None, generator=torch.Generator())
+    return torch.utils.data.DataLoader(_StepBatches(loop, steps), batch_size=None, num_workers=int(prefetch),
+                                       pin_memory=cuda, prefetch_factor=4 if prefetch else None, generator=torch.Generator())
 
 
 def _log_train(loop: Loop, epoch: int, lr: float, bar: Progress) -> None:
