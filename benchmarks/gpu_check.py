@@ -120,7 +120,7 @@ def time_eval(run_dir: Path, reps: int) -> dict:
     """The validation set scored as `loramix eval` does (merged adapter, default precision and compile),
     1 + reps times: the first pays the batch-size search and compilation; the median of the rest."""
     from loramix import artifacts
-    from loramix.evaluate import Scorer, token_byte_lengths
+    from loramix.evaluate import Scorer
     from loramix.model import compile_body
     from loramix.runtime import autocast_for, resolve_device, resolve_precision
 
@@ -129,7 +129,7 @@ def time_eval(run_dir: Path, reps: int) -> dict:
     tokenizer, data, base = artifacts.load_inputs(cfg, log=lambda *a: None)
     model = artifacts.attach_trained(run_dir, base).merge_and_unload().to(device)
     compile_body(model, cfg.train.compile, device)
-    score = Scorer(model, token_byte_lengths(tokenizer), device, tokenizer.eos_token_id, cfg.eval.batch_size,
+    score = Scorer(model, device, tokenizer.eos_token_id, cfg.eval.batch_size,
                    autocast_for(device, resolve_precision(cfg.train.precision, device)))
     runs = [score(data.val_rows, data.mixture.sources) for _ in range(1 + reps)]
     return {"samples": runs[0].samples, "rows": runs[0].rows, "batch_size": runs[0].batch_size, "first_samples_per_s": runs[0].samples_per_s,

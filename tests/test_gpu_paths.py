@@ -19,7 +19,7 @@ from loramix import checkpoint as ckpt
 from loramix.config import load_config
 from loramix.data.packing import IGNORE, Segment, collate, epoch_steps, pack_eval_rows
 from loramix.errors import LoramixError
-from loramix.evaluate import Scorer, evaluate, first_batch_size, token_byte_lengths
+from loramix.evaluate import Scorer, evaluate, first_batch_size
 from loramix.loss import attention_mask, token_nll
 from loramix.model import load_base_model, load_tokenizer, unwrap
 from loramix.runtime import Dist, autocast_for, init_distributed, resolve_device, resolve_precision
@@ -246,7 +246,6 @@ def test_eval_batch_search_backs_off_on_out_of_memory_and_keeps_the_metrics(monk
     import loramix.evaluate as ev
 
     model, rows = tiny_lora_model(64), _eval_rows()
-    tb = token_byte_lengths(load_tokenizer(load_config(None).model))
     tried, real_nll = [], ev.token_nll
 
     def nll(m, batch):
@@ -257,20 +256,20 @@ def test_eval_batch_search_backs_off_on_out_of_memory_and_keeps_the_metrics(monk
 
     monkeypatch.setattr(ev, "first_batch_size", lambda device: 32)  # a GPU's search, shorter
     monkeypatch.setattr(ev, "token_nll", nll)
-    score = Scorer(model, tb, torch.device("cpu"), 50256)
+    score = Scorer(model, torch.device("cpu"), 50256)
     found = score(rows, ["a", "b", "c"])
     assert found.batch_size == 4 and score.batch_size == 4
     assert tried == [24, 16, 8, 4, 4, 4, 4, 4, 4]  # 24 rows: each size fails at its first batch until 4 fits
     tried.clear()
     assert score(rows, ["a", "b", "c"]).overall == found.overall and tried == [4] * 6  # remembered: no search again
-    explicit = evaluate(model, rows, ["a", "b", "c"], tb, "cpu", 50256, batch_size=4)
+    explicit = evaluate(model, rows, ["a", "b", "c"], "cpu", 50256, batch_size=4)
     monkeypatch.setattr(ev, "token_nll", real_nll)
-    whole = evaluate(model, rows, ["a", "b", "c"], tb, "cpu", 50256, batch_size=24)
+    whole = evaluate(model, rows, ["a", "b", "c"], "cpu", 50256, batch_size=24)
     assert (found.overall, found.per_source) == (explicit.overall, explicit.per_source)
     assert found.overall.loss == pytest.approx(whole.overall.loss, rel=1e-6) and found.overall.tokens == whole.overall.tokens
     monkeypatch.setattr(ev, "token_nll", nll)
     with pytest.raises(LoramixError, match=r"^evaluation ran out of GPU memory at 8 rows per batch; set a smaller eval.batch_size$"):
-        evaluate(model, rows, ["a", "b", "c"], tb, "cpu", 50256, batch_size=8)
+        evaluate(model, rows, ["a", "b", "c"], "cpu", 50256, batch_size=8)
 
 
 def test_eval_batch_search_starts_at_128_rows_on_any_gpu():
