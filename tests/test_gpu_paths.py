@@ -238,7 +238,8 @@ def _eval_rows(n=24, seed=0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    docs = [Segment(k % 3, rng.integers(0, 50000, int(rng.integers(2, 60))).astype(np.int32)) for k in range(n)]
+    lengths = rng.integers(2, 60, n)
+    docs = [Segment(k % 3, rng.integers(0, 50000, int(m)).astype(np.int32), np.full(int(m), 3, np.int32)) for k, m in enumerate(lengths)]
     return pack_eval_rows(docs, 64, packing=False)
 
 
