@@ -107,7 +107,7 @@ def token_loss(model, segments, device: str) -> float:
 def worker_loramix(spec: dict) -> dict:
     from loramix.commands import evaluate_source
     from loramix.config import load_config
-    from loramix.train import train
+    from loramix.training import train
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", overrides(spec))
     result = train(cfg, Path(spec["work"]) / "loramix-run", log=lambda *a: None)

@@ -58,7 +58,7 @@ def tiny_cfg(tiny_overrides):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache_dir):
     """A finished tiny run (demo preset + TINY), trained once per session; tests only read it."""
-    from loramix.train import train
+    from loramix.training import train
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
     return train(cfg, tmp_path_factory.mktemp("shared") / "tiny", log=lambda *a: None)

@@ -6,7 +6,7 @@ import torch
 
 from loramix.config import load_config
 from loramix.data.packing import IGNORE, Batching, Segment, best_fit_decreasing, collate, epoch_steps, pack_eval_rows
-from loramix.evaluate import evaluate, token_byte_lengths
+from loramix.evaluation import evaluate, token_byte_lengths
 from loramix.loss import attention_mask, token_nll
 from loramix.model import load_base_model, load_tokenizer
 

@@ -11,9 +11,9 @@ import torch
 
 from loramix.artifacts import load_for_generation
 from loramix.config import load_config
-from loramix.generate import Sampling, generate
+from loramix.generation import Sampling, generate
 from loramix.serve import load_engine, make_handler
-from loramix.train import train
+from loramix.training import train
 
 from conftest import ROOT, TINY
 

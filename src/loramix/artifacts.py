@@ -31,7 +31,7 @@ import yaml
 from loramix.config import Config, ModelConfig, load_config
 from loramix.data.prepare import prepare_data
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult
+from loramix.evaluation import EvalResult
 from loramix.files import read_json, replacing, write_atomic, write_json
 from loramix.model import base_fingerprint, load_adapter, load_base_model, load_tokenizer
 from loramix.tracking import read_metrics

@@ -129,7 +129,7 @@ def _dispatch(args) -> int:
     elif args.command == "serve":
         commands.serve_sources(args.sources, args.host, args.port, args.max_tokens, args.device, log=print)
     elif args.command == "report":
-        from loramix.report import build_report
+        from loramix.reporting import build_report
 
         md, page = build_report(args.run_dirs, args.out)
         print(f"wrote {md} and {page}")
@@ -138,7 +138,7 @@ def _dispatch(args) -> int:
 
 def _eval(args, log, main_process: bool) -> None:
     from loramix.commands import evaluate_source
-    from loramix.evaluate import format_table
+    from loramix.evaluation import format_table
     from loramix.files import write_json
 
     source, overrides = Path(args.target[0]), args.target[1:]
@@ -151,7 +151,7 @@ def _eval(args, log, main_process: bool) -> None:
 
 def _generate(args) -> None:
     from loramix.commands import generate_text
-    from loramix.generate import Sampling
+    from loramix.generation import Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, tuple(args.stop))
     sampling.check()  # before reading stdin

@@ -11,11 +11,11 @@ from pathlib import Path
 from loramix import artifacts
 from loramix.config import Config, load_config
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult, Scorer, forgetting_check, token_byte_lengths
-from loramix.generate import Sampling, generate
+from loramix.evaluation import EvalResult, Scorer, forgetting_check, token_byte_lengths
+from loramix.generation import Sampling, generate
 from loramix.model import compile_body
 from loramix.runtime import autocast_for, init_distributed, resolve_device, resolve_precision
-from loramix.train import TrainResult, train
+from loramix.training import TrainResult, train
 
 # What `loramix eval RUN_DIR key=value` may change: how the run is scored, never what was trained.
 EVAL_OVERRIDES = ("data.packing", "data.cache_dir", "eval.", "train.device", "train.precision", "train.compile")

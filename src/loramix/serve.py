@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from loramix.artifacts import MODEL, kind_of, load_adapters, load_for_generation
-from loramix.generate import Sampling, generate
+from loramix.generation import Sampling, generate
 from loramix.model import context_length
 
 ALLOWED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n", "echo",

@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 
 from loramix.artifacts import Run, load_run
-from loramix.evaluate import Change
+from loramix.evaluation import Change
 from loramix.files import replacing, write_atomic
 
 

@@ -25,7 +25,7 @@ from loramix.config import Config, config_diff
 from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps
 from loramix.data.prepare import Prepared
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult, Scorer, forgetting_check, format_table, token_byte_lengths
+from loramix.evaluation import EvalResult, Scorer, forgetting_check, format_table, token_byte_lengths
 from loramix.files import read_json, write_json
 from loramix.loss import token_nll
 from loramix.model import attach_lora, base_fingerprint, compile_body, count_parameters
