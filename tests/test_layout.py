@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loramix"
 LAYERS = [
     ["errors"], ["files"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.prepare"],
-    ["model"], ["loss"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"],
+    ["model"], ["loss"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
     ["training", "export", "generation", "reporting"], ["serve"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]

@@ -14,7 +14,8 @@ Kinds of directory:
       manifest.json      per-source counts and hashes of the selected example ids
       run.json           status (running / finished / failed), versions, hardware, plan, base fingerprint
       metrics.jsonl      one JSON object per logged event (train / eval)
-      adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors
+      adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors + README.md (model card)
+      trackers.json      the W&B / MLflow run ids a resume continues (with track.wandb or track.mlflow)
       eval.json          final validation metrics; written last, so its presence marks a finished run
 """
 
@@ -225,10 +226,12 @@ def write_status(run_dir: Path, status: dict) -> None:
     write_json(Path(run_dir) / "run.json", status)
 
 
-def save_adapter(model, run_dir: Path) -> Path:
-    """PEFT's own save_pretrained, renamed into place whole."""
+def save_adapter(model, run_dir: Path, card: str) -> Path:
+    """PEFT's own save_pretrained with loramix's model card as README.md (instead of PEFT's blank
+    template), renamed into place whole."""
     with replacing(Path(run_dir) / "adapter") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(run_dir) / "adapter"
 
 
