@@ -98,6 +98,15 @@ def _items(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
+@pytest.mark.unit
+def test_an_mlflow_store_that_does_not_open_stops_the_run_before_it_starts(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(LoramixError, match=r"^track.mlflow=true: cannot open the MLflow tracking store file:.*mlruns \(The filesystem tracking "
+                                           r"backend .* is in maintenance mode.*\); set MLFLOW_TRACKING_URI \(e.g. sqlite:///mlflow.db"):
+        check_trackers(TrackConfig(mlflow=True))
+
+
 @pytest.mark.e2e
 def test_wandb_mlflow_and_tensorboard_stay_one_run_across_a_kill(tmp_path, cache_dir, monkeypatch):
     """Killed after step 5 (checkpoint at 4) and resumed: each tracker ends with one run holding every row of

@@ -43,10 +43,10 @@ def model_card(cfg: Config, manifest: dict, result: EvalResult | None, trainable
 
 def merged_adapter_card(base: str | None, adapter: Path) -> str:
     """README.md of a model dir merged from a stock PEFT adapter dir (no loramix run behind it)."""
-    meta = {"base_model": base, "library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["lora", "merged"]}
+    meta = {"base_model": _hub_id(base), "library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["lora", "merged"]}
     return "\n\n".join([_front_matter(meta), f"# {adapter.name} (merged)",
                         f"The PEFT adapter {adapter} folded into the weights of {f'`{base}`' if base else 'its base model'}.",
-                        "## Use", _usage(base, merged=True)]) + "\n"
+                        "## Use", _usage(_hub_id(base), merged=True)]) + "\n"
 
 
 def _front_matter(meta: dict) -> str:
@@ -55,10 +55,13 @@ def _front_matter(meta: dict) -> str:
 
 
 def _hub_base(cfg: Config) -> str | None:
-    """The base model's Hub id, if the adapter sits on published weights (not a random init, not a local dir)."""
-    name = cfg.model.name
-    local = name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
-    return name if cfg.model.init == "pretrained" and not local else None
+    """The base model's Hub id, if the adapter sits on published weights (not a random init)."""
+    return _hub_id(cfg.model.name) if cfg.model.init == "pretrained" else None
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` if it is a Hub id, None for a local model dir (which means nothing to the Hub)."""
+    return None if not name or name.startswith(("/", ".", "~")) or Path(name).expanduser().exists() else name
 
 
 def _describe_base(cfg: Config) -> str:
