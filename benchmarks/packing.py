@@ -20,7 +20,7 @@ from loramix.config import load_config
 from loramix.data.packing import epoch_steps, pack_eval_rows
 from loramix.data.prepare import prepare_data
 from loramix.model import load_tokenizer
-from loramix.train import batching
+from loramix.training import batching
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -105,9 +105,9 @@ def token_loss(model, segments, device: str) -> float:
 
 
 def worker_loramix(spec: dict) -> dict:
-    from loramix.commands import evaluate_source
+    from loramix.commands import evaluate
     from loramix.config import load_config
-    from loramix.train import train
+    from loramix.training import train
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", overrides(spec))
     result = train(cfg, Path(spec["work"]) / "loramix-run", log=lambda *a: None)
@@ -119,7 +119,7 @@ def worker_loramix(spec: dict) -> dict:
     docs = [b - a for a, b in zip([0] + cumulative, cumulative)]
     seconds = times[-1]
     # The validation pass alone (the seed preset's forgetting check would score the base model too).
-    evals = [evaluate_source(Path(spec["work"]) / "loramix-run", overrides=["eval.base_compare=false"], log=lambda *a: None)
+    evals = [evaluate(Path(spec["work"]) / "loramix-run", overrides=["eval.base_compare=false"], log=lambda *a: None)
              for _ in range(spec["eval_reps"])]
     return {
         "train_seconds": seconds, "docs": steps[-1]["docs"], "steps": len(steps),

@@ -57,11 +57,11 @@ def tiny_cfg(tiny_overrides):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache_dir):
-    """A finished tiny run (demo preset + TINY), trained once per session; tests only read it."""
-    from loramix.train import train
+    """A finished tiny run (demo preset + TINY), trained once per session through the Python API; tests only read it."""
+    import loramix
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
-    return train(cfg, tmp_path_factory.mktemp("shared") / "tiny", log=lambda *a: None)
+    cfg = loramix.load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
+    return loramix.train(cfg, tmp_path_factory.mktemp("shared") / "tiny", log=lambda *a: None, progress=False)
 
 
 def tiny_lora_model(seq_len: int = 64, seed: int = 0, *overrides: str):

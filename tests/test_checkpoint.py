@@ -16,7 +16,7 @@ from loramix import checkpoint as ckpt
 from loramix.cli import main
 from loramix.config import load_config
 from loramix.errors import LoramixError
-from loramix.train import train
+from loramix.training import train
 
 from conftest import ROOT, metric_rows
 
@@ -159,7 +159,7 @@ def test_pickled_code_in_a_checkpoint_is_never_run(reference, cache_dir, tmp_pat
 
 def _nan_on_steps(monkeypatch, bad):
     """Training forward passes of the (1-based) optimizer steps in `bad` return NaN losses."""
-    import loramix.train as tr
+    import loramix.training as tr
 
     real_nll, real_step, done = tr.token_nll, tr._optimizer_step, {"n": 0}
 

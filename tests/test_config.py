@@ -44,7 +44,14 @@ def test_sources_list_shorthand_and_per_source_override():
     cfg = load_config(None, ["data.sources=[squad, imdb]", "data.sources.squad.cap=5", "data.sources.squad.weight=2"])
     assert list(cfg.data.sources) == ["squad", "imdb"]
     assert cfg.data.sources["squad"].cap == 5 and cfg.data.sources["squad"].weight == 2.0
-    assert cfg.data.sources["imdb"].hub_id == "imdb"
+    assert cfg.data.sources["imdb"].hub_id == "stanfordnlp/imdb"
+
+
+def test_legacy_hub_names_are_aliases_of_the_canonical_ids():
+    cfg = load_config(None, ["data.sources=[ag_news, mine]", "data.sources.ag_news.hub_id=ag_news", "data.sources.mine.hub_id=xsum",
+                             "data.sources.mine.template={document}"])
+    assert (cfg.data.sources["ag_news"].hub_id, cfg.data.sources["mine"].hub_id) == ("fancyzhx/ag_news", "EdinburghNLP/xsum")
+    assert load_config(None, ["data.sources.x.hub_id=someone/ag_news"]).data.sources["x"].hub_id == "someone/ag_news"
 
 
 def test_custom_source_needs_hub_id_or_path():

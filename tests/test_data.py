@@ -63,6 +63,7 @@ def test_stratified_split_and_manifest(tmp_path):
     mix = build_mixture(cfg.data, log=lambda *a: None)
     m = mix.manifest["sources"]
     assert (m["ag_news"]["train"], m["ag_news"]["val"], m["imdb"]["train"], m["imdb"]["val"]) == (80, 20, 32, 8)
+    assert m["imdb"]["revision"] is None and m["imdb"]["origin"] == str(tmp_path / "imdb.jsonl")  # a local file has no revision
     assert sum(d.source == "imdb" for d in mix.val) == 8
     assert not {(d.source, d.row) for d in mix.train} & {(d.source, d.row) for d in mix.val}
     again = build_mixture(cfg.data, log=lambda *a: None)
@@ -212,6 +213,29 @@ def test_unreachable_hub_source_says_how_to_use_local_files():
     with pytest.raises(LoramixError) as e:
         load_documents("imdb", cfg.data.sources["imdb"], cfg.data, 10)
     assert "data.local_dir=DIR with imdb.jsonl, or data.sources.imdb.path=FILE" in str(e.value)
+
+
+def test_hub_source_records_the_revision_it_read(tmp_path, monkeypatch):
+    """A Hub dataset read offline from the datasets cache, as an online run left it (in a directory named
+    by the dataset repository's commit): the manifest records that commit, and the seed's short name
+    reads the canonical id."""
+    import shutil
+
+    import datasets
+
+    sha = "3c91a4a8e0b1d7f3e5c2a9b8d7e6f5a4b3c2d1e0"
+    rows = _write_jsonl(tmp_path / "rows.jsonl", [{"text": f"news {i}", "label": i % 4} for i in range(20)])
+    built = datasets.load_dataset_builder("json", data_files=str(rows), cache_dir=str(tmp_path / "build"))
+    built.download_and_prepare()
+    cached = tmp_path / "hf" / "fancyzhx___ag_news" / "default" / "0.0.0" / sha
+    shutil.copytree(built.cache_dir, cached)
+    (cached / "json-train.arrow").rename(cached / "ag_news-train.arrow")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    cfg = load_config(None, ["data.sources=[ag_news]", "data.sources.ag_news.hub_id=ag_news", "data.cap=10", "data.val_share=0.2"])
+    mix = build_mixture(cfg.data, log=lambda *a: None)
+    m = mix.manifest["sources"]["ag_news"]
+    assert (m["origin"], m["revision"], m["train"], m["val"]) == ("fancyzhx/ag_news::train", sha, 8, 2)
+    assert {d.text for d in mix.train + mix.val} <= {f"news {i}" for i in range(20)}
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real")

@@ -50,6 +50,8 @@ def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
                 p.normal_(0, 0.5)  # a trained-looking adapter: B is zero at init
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and f"The PEFT adapter {tmp_path / 'adapter'} folded into" in card
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     with torch.no_grad():
         expected = peft_model.eval()(input_ids=IDS).logits
@@ -64,7 +66,7 @@ def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
     metrics = json.loads(out.read_text())
     assert len(metrics["per_source"]) == 8 and metrics["overall"]["tokens"] > 0 and metrics["overall"]["loss"] > 0
     from loramix.artifacts import load_for_generation
-    from loramix.generate import Sampling, generate
+    from loramix.generation import Sampling, generate
 
     model, tok = load_for_generation(tmp_path / "adapter")
     (text,), _ = generate(model, tok, ["Hello"], Sampling(max_new_tokens=3))

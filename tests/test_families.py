@@ -15,10 +15,10 @@ import torch
 
 from loramix import artifacts
 from loramix.cli import main
-from loramix.commands import evaluate_source
+from loramix.commands import evaluate as evaluate_source
 from loramix.config import load_config
 from loramix.data.packing import Segment, collate
-from loramix.generate import Sampling, generate
+from loramix.generation import Sampling, generate
 from loramix.loss import token_nll
 from loramix.model import FAMILIES, load_base_model, load_tokenizer
 
@@ -49,7 +49,7 @@ def overrides(root, model_type, cache_dir, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(root, cache_dir):
     """One tiny run per family, trained on first use."""
-    from loramix.train import train
+    from loramix.training import train
 
     done = {}
 
@@ -298,7 +298,7 @@ def test_peft_variants_resume_eval_and_merge(root, cache_dir, tmp_path, monkeypa
     from transformers import AutoModelForCausalLM
 
     import loramix.checkpoint as ckpt
-    from loramix.train import train
+    from loramix.training import train
 
     cfg = load_config(None, overrides(root, "llama", cache_dir, variant, "train.max_steps=4", "checkpoint.every=2"))
     whole = train(cfg, tmp_path / "whole", log=lambda *a: None)

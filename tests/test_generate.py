@@ -8,7 +8,7 @@ import torch
 
 from loramix.artifacts import load_for_generation
 from loramix.cli import main
-from loramix.generate import Sampling, generate
+from loramix.generation import Sampling, generate
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ def test_batched_prompts_match_single_prompts(run_dir):
 
 
 def test_stop_strings_cut_the_text():
-    from loramix.generate import cut_at_stop
+    from loramix.generation import cut_at_stop
 
     assert cut_at_stop("one two. three", (".",)) == "one two" and cut_at_stop("abc", ("x",)) == "abc"
 

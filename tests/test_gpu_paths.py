@@ -14,16 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import loramix.train as tr
+import loramix.training as tr
 from loramix import checkpoint as ckpt
 from loramix.config import load_config
 from loramix.data.packing import IGNORE, Segment, collate, epoch_steps, pack_eval_rows
 from loramix.errors import LoramixError
-from loramix.evaluate import Scorer, evaluate, first_batch_size
+from loramix.evaluation import Scorer, evaluate, first_batch_size
 from loramix.loss import attention_mask, token_nll
 from loramix.model import load_base_model, load_tokenizer, unwrap
 from loramix.runtime import Dist, autocast_for, init_distributed, resolve_device, resolve_precision
-from loramix.train import train
+from loramix.training import train
 
 from conftest import ROOT, TINY, metric_rows, tiny_lora_model
 
@@ -244,7 +244,7 @@ def _eval_rows(n=24, seed=0):
 
 
 def test_eval_batch_search_backs_off_on_out_of_memory_and_keeps_the_metrics(monkeypatch):
-    import loramix.evaluate as ev
+    import loramix.evaluation as ev
 
     model, rows = tiny_lora_model(64), _eval_rows()
     tried, real_nll = [], ev.token_nll

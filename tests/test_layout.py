@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loramix"
 LAYERS = [
     ["errors"], ["files"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.prepare"],
-    ["model"], ["loss"], ["evaluate"], ["tracking"], ["checkpoint"], ["artifacts"],
-    ["train", "export", "generate", "report"], ["batching", "serve_api"], ["serve"],
+    ["model"], ["loss"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
+    ["training", "export", "generation", "reporting"], ["batching", "serve_api"], ["serve"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}
@@ -38,7 +38,7 @@ def _imports(tree: ast.Module) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loramix"):
             base = node.module.removeprefix("loramix").lstrip(".")
-            for alias in node.names:  # `from loramix import train` names a module; `from loramix.x import f` does not
+            for alias in node.names:  # `from loramix import training` names a module; `from loramix.x import f` does not
                 sub = f"{base}.{alias.name}".lstrip(".")
                 found.add(sub if sub in LAYER else base or "__init__")
         elif isinstance(node, ast.Import):

@@ -6,7 +6,7 @@ import torch
 
 from loramix.config import load_config
 from loramix.data.packing import IGNORE, Batching, Segment, best_fit_decreasing, collate, epoch_steps, pack_eval_rows
-from loramix.evaluate import evaluate
+from loramix.evaluation import evaluate
 from loramix.loss import attention_mask, token_nll
 from loramix.model import load_tokenizer
 

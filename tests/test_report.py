@@ -7,8 +7,8 @@ import pytest
 
 from loramix.cli import main
 from loramix.config import load_config
-from loramix.report import smooth
-from loramix.train import train
+from loramix.reporting import smooth
+from loramix.training import train
 
 from conftest import ROOT, TINY
 

@@ -17,9 +17,9 @@ from loramix import batching
 from loramix.artifacts import load_adapters, load_for_generation
 from loramix.batching import BASE, Scheduler, Sequence
 from loramix.config import load_config
-from loramix.generate import Sampling, generate
+from loramix.generation import Sampling, generate
 from loramix.serve import load_engine, running
-from loramix.train import train
+from loramix.training import train
 
 from conftest import ROOT, TINY
 

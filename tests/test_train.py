@@ -9,10 +9,10 @@ import yaml
 from loramix.cli import main
 from loramix.config import load_config
 from loramix.data.packing import Segment, collate
-from loramix.evaluate import Metrics, evaluate
+from loramix.evaluation import Metrics, evaluate
 from loramix.loss import token_nll
 from loramix.model import load_base_model
-from loramix.train import lr_at, train
+from loramix.training import lr_at, train
 
 from conftest import REAL_DATA, ROOT, TINY, tiny_lora_model
 

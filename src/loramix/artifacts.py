@@ -14,7 +14,8 @@ Kinds of directory:
       manifest.json      per-source counts and hashes of the selected example ids
       run.json           status (running / finished / failed), versions, hardware, plan, base fingerprint
       metrics.jsonl      one JSON object per logged event (train / eval)
-      adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors
+      adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors + README.md (model card)
+      trackers.json      the W&B / MLflow run ids a resume continues (with track.wandb or track.mlflow)
       eval.json          final validation metrics; written last, so its presence marks a finished run
 """
 
@@ -31,7 +32,7 @@ import yaml
 from loramix.config import Config, ModelConfig, load_config
 from loramix.data.prepare import prepare_data
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult
+from loramix.evaluation import EvalResult
 from loramix.files import read_json, replacing, write_atomic, write_json
 from loramix.model import base_fingerprint, check_vocabulary, load_adapter, load_base_model, load_tokenizer
 from loramix.tracking import read_metrics
@@ -227,11 +228,13 @@ def write_status(run_dir: Path, status: dict) -> None:
     write_json(Path(run_dir) / "run.json", status)
 
 
-def save_adapter(model, run_dir: Path, initial: Path | None = None) -> Path:
-    """PEFT's own save_pretrained, renamed into place whole. With the `initial` adapter of a PiSSA or
-    OLoRA run, PEFT converts the trained adapter into plain LoRA on the original base weights."""
+def save_adapter(model, run_dir: Path, card: str, initial: Path | None = None) -> Path:
+    """PEFT's own save_pretrained with loramix's model card as README.md (instead of PEFT's blank
+    template), renamed into place whole. With the `initial` adapter of a PiSSA or OLoRA run, PEFT
+    converts the trained adapter into plain LoRA on the original base weights."""
     with replacing(Path(run_dir) / "adapter") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=initial and str(initial))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(run_dir) / "adapter"
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from loramix.generate import Sampling, cut_at_stop
+from loramix.generation import Sampling, cut_at_stop
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 T = TypeVar("T")

@@ -1,5 +1,5 @@
-"""`loramix` command line: parse arguments, call the command (commands.py), print its result, and turn
-user mistakes into one-line errors."""
+"""`loramix` command line: parse arguments, call the Python API (commands.py, what `import loramix`
+exposes), print its result, and turn user mistakes into one-line errors and exit codes."""
 
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def _dispatch(args) -> int:
     from loramix import commands
 
     if args.command == "train":
-        result = commands.train_run(args.config, args.overrides, args.run_dir, args.dry_run, args.overwrite, args.resume, log, not args.quiet)
+        cfg = load_config(args.config, args.overrides)
+        result = commands.train(cfg, args.run_dir, dry_run=args.dry_run, overwrite=args.overwrite, resume=args.resume, log=log, progress=not args.quiet)
         if result.run_dir and main_process:
             print(f"run dir: {result.run_dir}  (loramix eval {result.run_dir})")
     elif args.command == "eval":
@@ -131,20 +132,18 @@ def _dispatch(args) -> int:
     elif args.command == "serve":
         commands.serve_sources(args.sources, args.host, args.port, args.max_tokens, args.device, args.max_batch, args.max_queue, log=print)
     elif args.command == "report":
-        from loramix.report import build_report
-
-        md, page = build_report(args.run_dirs, args.out)
+        md, page = commands.report(args.run_dirs, args.out)
         print(f"wrote {md} and {page}")
     return 0
 
 
 def _eval(args, log, main_process: bool) -> None:
-    from loramix.commands import evaluate_source
-    from loramix.evaluate import format_table
+    from loramix.commands import evaluate
+    from loramix.evaluation import format_table
     from loramix.files import write_json
 
     source, overrides = Path(args.target[0]), args.target[1:]
-    result = evaluate_source(source, args.config, overrides, log, progress=not args.quiet and sys.stderr.isatty())
+    result = evaluate(source, args.config, overrides, log=log, progress=not args.quiet)
     if main_process:
         print(format_table(result))
         if args.out:
@@ -152,8 +151,8 @@ def _eval(args, log, main_process: bool) -> None:
 
 
 def _generate(args) -> None:
-    from loramix.commands import generate_text
-    from loramix.generate import Sampling
+    from loramix.commands import generate
+    from loramix.generation import Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, tuple(args.stop))
     sampling.check()  # before reading stdin
@@ -167,13 +166,13 @@ def _generate(args) -> None:
         if not prompts:
             raise LoramixError("no prompts: the file or stdin holds no non-empty line")
     streaming = len(prompts) == 1 and not args.quiet
-    texts, rate = generate_text(args.source, prompts, sampling, args.device, stream=(lambda t: print(t, end="", flush=True)) if streaming else None)
+    out = generate(args.source, prompts, sampling, device=args.device, stream=(lambda t: print(t, end="", flush=True)) if streaming else None)
     if streaming:
         print()
     else:
-        for prompt, text in zip(prompts, texts):
+        for prompt, text in zip(prompts, out.texts):
             print(f"{prompt}{text}\n---" if len(prompts) > 1 else text)
-    print(f"[{rate:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{out.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

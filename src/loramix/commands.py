@@ -1,40 +1,67 @@
-"""The commands' bodies, one function each, over the stages: what `loramix train|eval|merge|generate|
-serve|report` do, with typed arguments and results. `cli.py` only parses arguments, calls these and
-prints; they print nothing themselves except through `log`.
+"""The Python API: what `loramix train|eval|merge|generate|report` do, as functions with typed arguments and
+results; `import loramix` exposes them (`loramix.train`, `loramix.evaluate`, ...), and `cli.py` only parses
+arguments, calls them and prints. They print only through `log`, never exit the process, and raise
+`LoramixError` with the one-line message the CLI prints.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loramix import artifacts
-from loramix.config import Config, load_config
+from loramix.config import Config, config_from_dict, load_config
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult, Scorer, forgetting_check
-from loramix.generate import Sampling, generate
+from loramix.evaluation import EvalResult, Scorer, forgetting_check
+from loramix.generation import Sampling
+from loramix.generation import generate as sample
 from loramix.model import compile_body
-from loramix.runtime import autocast_for, init_distributed, resolve_device, resolve_precision
-from loramix.train import TrainResult, train
+from loramix.reporting import build_report
+from loramix.runtime import autocast_for, init_distributed, progress_bars, resolve_device, resolve_precision
+from loramix.training import TrainResult
+from loramix.training import train as run_recipe
 
 # What `loramix eval RUN_DIR key=value` may change: how the run is scored, never what was trained.
 EVAL_OVERRIDES = ("data.packing", "data.cache_dir", "eval.", "train.device", "train.precision", "train.compile")
 
 
-def train_run(preset: str | None, overrides: list[str], run_dir: Path | None = None, dry_run: bool = False,
-              overwrite: bool = False, resume: bool = False, log=print, progress: bool = True) -> TrainResult:
-    """`loramix train`: the resolved config is logged; a fresh run never lands in a taken run dir."""
+def train(cfg: Config, run_dir: str | Path | None = None, *, dry_run: bool = False, overwrite: bool = False,
+          resume: bool = False, log: Callable = print, progress: bool = True) -> TrainResult:
+    """Train a LoRA adapter: data, plan, training loop, final evaluation, then the run dir's adapter (with
+    its model card), metrics and eval.json. The resolved config and the plan go to `log` first.
+
+    Args:
+        cfg: a `Config`, from `load_config(preset, overrides)` or built in code.
+        run_dir: where to write the run (default: runs/<name>, or runs/<name>-N when taken; with `resume`,
+            runs/<name>).
+        dry_run: stop after the plan; nothing is trained or written.
+        overwrite: replace a run already in `run_dir`.
+        resume: continue the run in `run_dir` from its newest valid checkpoint (train.resume=auto).
+        log: where progress lines go (`lambda *a: None` silences them).
+        progress: draw progress bars (on a terminal or in a notebook).
+
+    Returns:
+        TrainResult: `.plan`, `.eval` (final metrics), `.metrics` (metrics.jsonl rows), `.run_dir`, `.adapter`, `.model`.
+
+    Raises:
+        LoramixError: a bad config, data or run dir, named in one line with the fix.
+    """
     import yaml
 
-    cfg = load_config(preset, list(overrides) + (["train.resume=auto"] if resume else []))
+    if not isinstance(cfg, Config):
+        raise LoramixError(f"train takes a Config, not {type(cfg).__name__}; load one with loramix.load_config('configs/demo.yaml', ['lora.r=16'])")
+    cfg = config_from_dict(cfg.to_dict(), what="config")  # a Config built in code gets the checks across sections too
+    if resume:
+        cfg = replace(cfg, train=replace(cfg.train, resume="auto"))
     log("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
     # Resuming means this name's run dir itself.
     run_dir = run_dir or (Path("runs") / cfg.name if cfg.train.resume == "auto" else artifacts.default_run_dir(cfg.name))
-    return train(cfg, Path(run_dir), dry_run=dry_run, overwrite=overwrite, log=log, progress=progress)
+    return run_recipe(cfg, Path(run_dir), dry_run=dry_run, overwrite=overwrite, log=log, progress=progress)
 
 
-def eval_config(source: Path, preset: str | None = None, overrides: list[str] = ()) -> Config:
-    """The config `loramix eval` scores `source` with.
+def eval_config(source: Path, preset: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config `evaluate` scores `source` with.
 
     A run dir: its own config, with overrides only of how it is scored (EVAL_OVERRIDES). A PEFT adapter
     dir: the data and settings of `preset`; the base is the one the adapter names, built with the
@@ -42,8 +69,8 @@ def eval_config(source: Path, preset: str | None = None, overrides: list[str] = 
     preset's model when the adapter names none.
 
     Raises:
-        LoramixError: an override that would change what was trained, -c with a run dir, or no -c
-            with an adapter dir.
+        LoramixError: an override that would change what was trained, a preset with a run dir, or no
+            preset with an adapter dir.
     """
     source, overrides = Path(source), list(overrides)
     if artifacts.require(source, (artifacts.RUN, artifacts.ADAPTER)) == artifacts.RUN:
@@ -65,9 +92,19 @@ def eval_config(source: Path, preset: str | None = None, overrides: list[str] = 
     return replace(cfg, model=load_config(None, [f"model.name={base}", *model_overrides]).model)
 
 
-def evaluate_source(source: Path, preset: str | None = None, overrides: list[str] = (), log=print, progress: bool = False) -> EvalResult:
-    """`loramix eval`: validation metrics of a run dir (from its saved config and adapter) or of a stock
-    PEFT adapter dir on the data of `preset`, with the forgetting check where the config asks for it."""
+def evaluate(source: str | Path, preset: str | Path | None = None, overrides: list[str] = (), *, log: Callable = print,
+             progress: bool = True) -> EvalResult:
+    """Validation metrics of a run dir (from its saved config and adapter), or of a stock PEFT adapter dir
+    on the data of `preset`, with the forgetting check where the config asks for it.
+
+    Args:
+        source: a run dir, or a PEFT adapter dir.
+        preset: for an adapter dir, the preset whose data to score it on.
+        overrides: `key=value` overrides (for a run dir, only of how it is scored: see EVAL_OVERRIDES).
+
+    Returns:
+        EvalResult: `.overall`, `.per_source` (loss, ppl, bpt, bpb, tokens, bytes), throughput; `.to_dict()` is eval.json's layout.
+    """
     source = Path(source)
     cfg = eval_config(source, preset, overrides)
     dist = init_distributed(cfg.train.device)
@@ -80,7 +117,7 @@ def evaluate_source(source: Path, preset: str | None = None, overrides: list[str
     model = (model if comparing else model.merge_and_unload()).to(device)
     compile_body(model, cfg.train.compile, device)
     score = Scorer(model, device, tokenizer.eos_token_id, cfg.eval.batch_size,
-                   autocast_for(device, resolve_precision(cfg.train.precision, device)), dist, progress and dist.main)
+                   autocast_for(device, resolve_precision(cfg.train.precision, device)), dist, progress and dist.main and progress_bars())
     result = score(data.val_rows, data.mixture.sources)
     score.progress = False
     result = forgetting_check(score, result, data.val_rows, data.mixture.sources, cfg.eval.base_compare,
@@ -90,11 +127,34 @@ def evaluate_source(source: Path, preset: str | None = None, overrides: list[str
     return replace(result, overrides=list(overrides) or None)
 
 
-def generate_text(source: Path, prompts: list[str], sampling: Sampling, device: str = "auto", stream=None) -> tuple[list[str], float]:
-    """`loramix generate`: completions of `prompts` from a run, adapter or model dir, and tokens/s."""
+@dataclass
+class Completions:
+    texts: list[str]  # one per prompt, without the prompt
+    tokens_per_s: float
+
+
+def generate(source: str | Path, prompts: str | list[str], sampling: Sampling | None = None, *, device: str = "auto",
+             stream: Callable[[str], None] | None = None, **options) -> Completions:
+    """Completions of `prompts` from a run dir, a PEFT adapter dir or a model dir (e.g. a merged one).
+
+    Args:
+        sampling: how to decode (default: greedy, 64 new tokens); `options` replace its fields, e.g.
+            max_new_tokens=40, temperature=0.8, top_p=0.95, seed=1, stop=("\\n",).
+        stream: called with text as it is decoded (one prompt only).
+    """
+    sampling = replace(sampling or Sampling(), **options)
     sampling.check()  # before the model loads
-    model, tokenizer = artifacts.load_for_generation(source)
-    return generate(model.to(resolve_device(device)).eval(), tokenizer, prompts, sampling, stream=stream)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    model, tokenizer = artifacts.load_for_generation(Path(source))
+    texts, rate = sample(model.to(resolve_device(device)).eval(), tokenizer, prompts, sampling, stream=stream)
+    return Completions(texts, rate)
+
+
+def report(run_dirs: str | Path | list[str | Path], out: str | Path | None = None) -> tuple[Path, Path]:
+    """Write report.md and report.html (plots inlined) for one run dir or several, into `out` (default:
+    the first run dir); returns their paths."""
+    runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs
+    return build_report([Path(r) for r in runs], Path(out) if out else None)
 
 
 def serve_sources(sources: list[Path], host: str, port: int, max_tokens: int, device: str = "auto", max_batch: int = 32, max_queue: int = 64,

@@ -27,14 +27,17 @@ from loramix.errors import LoramixError
 BUILTIN_SOURCES: dict[str, dict] = {
     "wikitext": {"hub_id": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "template": "{text}"},
     "tinystories": {"hub_id": "roneneldan/TinyStories", "template": "{text}"},
-    "ag_news": {"hub_id": "ag_news", "template": "{text}"},
-    "yelp_review_full": {"hub_id": "yelp_review_full", "template": "{text}"},
-    "cnn_dailymail": {"hub_id": "cnn_dailymail", "subset": "3.0.0", "template": "{article}\n\nSummary: {highlights}", "prompt": "{article}\n\nSummary:"},
-    "xsum": {"hub_id": "xsum", "template": "{document}\n\nSummary: {summary}", "prompt": "{document}\n\nSummary:"},
-    "squad": {"hub_id": "squad", "template": "{context}\n\nQuestion: {question}\nAnswer: {answers[text][0]}",
+    "ag_news": {"hub_id": "fancyzhx/ag_news", "template": "{text}"},
+    "yelp_review_full": {"hub_id": "Yelp/yelp_review_full", "template": "{text}"},
+    "cnn_dailymail": {"hub_id": "abisee/cnn_dailymail", "subset": "3.0.0", "template": "{article}\n\nSummary: {highlights}",
+                      "prompt": "{article}\n\nSummary:"},
+    "xsum": {"hub_id": "EdinburghNLP/xsum", "template": "{document}\n\nSummary: {summary}", "prompt": "{document}\n\nSummary:"},
+    "squad": {"hub_id": "rajpurkar/squad", "template": "{context}\n\nQuestion: {question}\nAnswer: {answers[text][0]}",
               "prompt": "{context}\n\nQuestion: {question}\nAnswer:"},
-    "imdb": {"hub_id": "imdb", "template": "{text}"},
+    "imdb": {"hub_id": "stanfordnlp/imdb", "template": "{text}"},
 }
+# The seed's short Hub names, which the Hub only redirects: accepted, and stored as the canonical id.
+HUB_ALIASES = {short: spec["hub_id"] for short, spec in BUILTIN_SOURCES.items() if spec["hub_id"].endswith("/" + short)}
 
 # Numbers in YAML may land in string fields (`subset: 3.0`); unknown keys are typos, so they fail.
 _section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
@@ -72,6 +75,7 @@ def _bool_as_word(value: Any, handler) -> Any:
 Choice = Annotated[T, WrapValidator(_bool_as_word)]
 # `lora.targets=c_attn` means the one-name list.
 Names = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+HubId = Annotated[str, AfterValidator(lambda v: HUB_ALIASES.get(v, v))]
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # also what `generate --device` and `serve --device` take
 Device = Annotated[str, AfterValidator(_rule(DEVICES.fullmatch, "is not a device (choose one of: auto, cpu, cuda, cuda:N, mps)"))]
 
@@ -108,7 +112,7 @@ class LoraConfig:
 
 @_section
 class SourceConfig:
-    hub_id: str | None = F(None, "Hugging Face dataset id (None: `path` must be set)")
+    hub_id: HubId | None = F(None, "Hugging Face dataset id (None: `path` must be set); the seed's short names (ag_news, xsum, ...) mean their canonical ids")
     subset: str | None = F(None, "dataset config name, e.g. 'wikitext-103-raw-v1'")
     split: str = F("train", "split to read")
     template: str = F("{text}", "Python format string over the row's fields: '{article}\\n\\nSummary: {highlights}'")
@@ -232,14 +236,15 @@ def _trajectory(cfg: Config, world: int) -> dict:
 
 def config_diff(a: Config, b: Config, world_a: int = 1, world_b: int = 1) -> list[str]:
     """'key: a -> b' for every trajectory-relevant key that differs."""
-    fa, fb = _flatten(_trajectory(a, world_a)), _flatten(_trajectory(b, world_b))
+    fa, fb = flatten(_trajectory(a, world_a)), flatten(_trajectory(b, world_b))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys of a nested dict (a config's keys, as overrides name them)."""
     out = {}
     for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
 
 

@@ -1,4 +1,5 @@
-"""What every command shares: processes (torchrun), the device and precision, and stopping on a signal."""
+"""What every command shares: processes (torchrun), the device and precision, stopping on a signal, and
+whether progress bars can be drawn."""
 
 from __future__ import annotations
 
@@ -100,6 +101,17 @@ def autocast_for(device: torch.device, precision: str):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def progress_bars() -> bool:
+    """Whether a tqdm bar can be drawn: on a terminal, or in a Jupyter notebook, where `tqdm.auto` draws
+    a widget (a redirected stderr, such as a CI log, gets log lines instead)."""
+    import sys
+
+    import tqdm.auto  # noqa: F401 -- imports autonotebook quietly, which picks the notebook bar in a kernel
+    from tqdm import autonotebook, std
+
+    return sys.stderr.isatty() or autonotebook.tqdm is not std.tqdm
 
 
 class Interrupted(LoramixError):

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from loramix.artifacts import MODEL, kind_of, load_adapters, load_for_generation
 from loramix.batching import BASE, Event, QueueFull, Scheduler, Sequence
 from loramix.errors import LoramixError
-from loramix.generate import Sampling
+from loramix.generation import Sampling
 from loramix.model import context_length
 from loramix.serve_api import (
     ChatChoice,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loramix.config import DataConfig
-from loramix.data.sources import Document, load_documents, source_path
+from loramix.data.sources import Document, read_source, source_path
 from loramix.errors import LoramixError
 
 
@@ -30,7 +30,8 @@ def build_mixture(data: DataConfig, log=print) -> Mixture:
     train, val, manifest = [], [], {}
     for name, spec in data.sources.items():
         cap = data.cap_for(spec)
-        docs = load_documents(name, spec, data, cap)
+        read = read_source(name, spec, data, cap)
+        docs = read.documents
         n_val = max(1, round(len(docs) * data.val_share))
         if len(docs) - n_val < 1:
             raise LoramixError(f"source '{name}' has {len(docs)} usable row(s): too few to hold out {data.val_share:.0%} for validation; add rows or drop the source")
@@ -40,6 +41,7 @@ def build_mixture(data: DataConfig, log=print) -> Mixture:
         path = source_path(name, spec, data)
         manifest[name] = {
             "origin": str(path) if path else f"{spec.hub_id}:{spec.subset or ''}:{spec.split}",
+            "revision": read.revision,
             "template": spec.template,
             "cap": cap,
             "selected": len(docs),

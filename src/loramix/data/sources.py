@@ -46,15 +46,26 @@ def source_path(name: str, spec: SourceConfig, data: DataConfig) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class SourceRead:
+    documents: list[Document]
+    revision: str | None  # the Hub dataset's commit that was read; None for a local file
+
+
 def load_documents(name: str, spec: SourceConfig, data: DataConfig, cap: int | None) -> list[Document]:
-    """Read a source, sample up to `cap` non-blank documents (seeded), in sampled order.
+    """Read a source, sample up to `cap` non-blank documents (seeded), in sampled order."""
+    return read_source(name, spec, data, cap).documents
+
+
+def read_source(name: str, spec: SourceConfig, data: DataConfig, cap: int | None) -> SourceRead:
+    """`load_documents`, and which revision of a Hub dataset was read.
 
     Raises:
         LoramixError: missing/unreadable file, unreachable Hub dataset, template naming an absent
             field, or no usable rows.
     """
     path = source_path(name, spec, data)
-    table = _load_local(name, path) if path else _load_hub(name, spec)
+    table, revision = (_load_local(name, path), None) if path else _load_hub(name, spec)
     for template in filter(None, (spec.template, spec.prompt)):
         _check_template(name, template, table.column_names)
     order = np.random.default_rng([data.seed, _stable_id(name)]).permutation(len(table))
@@ -62,7 +73,7 @@ def load_documents(name: str, spec: SourceConfig, data: DataConfig, cap: int | N
     if not docs:
         where = path or spec.hub_id
         raise LoramixError(f"source '{name}' has no usable rows in {where} (every rendered text is blank); check the file or data.sources.{name}.template")
-    return docs
+    return SourceRead(docs, revision)
 
 
 def _stable_id(name: str) -> int:
@@ -108,12 +119,16 @@ def _check_template(name: str, template: str, columns: list[str]) -> None:
 
 
 def _load_hub(name: str, spec: SourceConfig):
+    """(table, revision): `load_dataset`'s own steps, keeping the builder, whose hash is the dataset
+    repository's commit (resolved on the Hub, or the one cached when offline)."""
     import datasets
 
     if not spec.hub_id:
         raise LoramixError(f"source '{name}' has neither hub_id nor path; set data.sources.{name}.path=FILE or data.local_dir=DIR")
     try:
-        return datasets.load_dataset(spec.hub_id, spec.subset, split=spec.split)
+        builder = datasets.load_dataset_builder(spec.hub_id, spec.subset)
+        builder.download_and_prepare()
+        return builder.as_dataset(split=spec.split), builder.hash
     except (ConnectionError, OSError, FileNotFoundError, ValueError) as e:
         if isinstance(e, ValueError) and "split" in str(e).lower():
             raise LoramixError(f"source '{name}': {spec.hub_id} has no split '{spec.split}'; set data.sources.{name}.split") from e

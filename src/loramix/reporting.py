@@ -12,7 +12,8 @@ import html
 from pathlib import Path
 
 from loramix.artifacts import Run, load_run
-from loramix.evaluate import Change
+from loramix.card import markdown_table
+from loramix.evaluation import METRIC_COLUMNS, Change, metric_rows
 from loramix.files import replacing, write_atomic
 
 
@@ -100,8 +101,7 @@ def _run_blocks(run: Run, several: bool) -> list[tuple]:
                 [[n, str(s["train"]), str(s["val"]), str(s["weight"])] for n, s in run.manifest["sources"].items()]))
     e = run.eval
     if e:
-        rows = [[n, f"{x.tokens:,}", _f(x.loss), _f(x.ppl, 2), _f(x.bpt, 3), _f(x.bpb, 3)] for n, x in e.named()]
-        out.append(("table", ["source", "tokens", "loss", "PPL", "BPT", "BPB"], rows))
+        out.append(("table", METRIC_COLUMNS, metric_rows(e)))
     if e and e.forgetting:
         out.append(("p", "Forgetting check: the same validation rows scored by the base model (adapter disabled) and by the "
                          "tuned model. A negative change means the adapter lowered the loss."))
@@ -124,8 +124,7 @@ def to_markdown(doc: list[tuple], base: Path) -> str:
         elif block[0] == "p":
             lines.append(block[1])
         elif block[0] == "table":
-            header, rows = block[1], block[2]
-            lines.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]))
+            lines.append(markdown_table(block[1], block[2]))
         else:
             lines.append(f"![{block[1]}]({block[2].relative_to(base)})")
     return "\n\n".join(lines) + "\n"

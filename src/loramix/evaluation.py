@@ -201,6 +201,14 @@ def forgetting_check(score: Scorer, result: EvalResult, val_rows: list[Row], sou
     return result
 
 
+METRIC_COLUMNS = ["source", "tokens", "loss", "PPL", "BPT", "BPB"]
+
+
+def metric_rows(scores: Scores) -> list[list[str]]:
+    """The cells of the metrics table, one row per source then overall: what the report and the model card print."""
+    return [[name, f"{m.tokens:,}", f"{m.loss:.4f}", f"{m.ppl:.2f}", f"{m.bpt:.3f}", f"{m.bpb:.3f}"] for name, m in scores.named()]
+
+
 def format_table(result: EvalResult) -> str:
     """The metrics as a fixed-width table: one row per source, then the overall row."""
     head = f"{'source':<18} {'tokens':>10} {'loss':>8} {'ppl':>9} {'bpt':>7} {'bpb':>7}"

@@ -1,7 +1,7 @@
 """The training loop: AdamW, warmup + linear decay, gradient accumulation, clipping, mixed precision,
 periodic validation, checkpoints and metrics.jsonl. `train` runs the recipe as named steps: set up,
 plan, open the run dir, `fit` (the loop, which returns after the last step), the final evaluation with
-the forgetting check, and the run's artifacts (adapter, eval.json, run.json).
+the forgetting check, and the run's artifacts (adapter with its model card, eval.json, run.json).
 
 Gradient accumulation is token-exact: each micro-batch's summed NLL is divided by the number of target
 tokens in the whole optimizer step, so the gradient equals that of one big batch, whatever the padding,
@@ -11,7 +11,6 @@ packing or document lengths (a per-micro-batch mean would weight short micro-bat
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,16 +20,17 @@ import torch
 
 from loramix import artifacts
 from loramix import checkpoint as ckpt
+from loramix.card import model_card
 from loramix.config import Config, config_diff
 from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps
 from loramix.data.prepare import Prepared
 from loramix.errors import LoramixError
-from loramix.evaluate import EvalResult, Scorer, forgetting_check, format_table
+from loramix.evaluation import EvalResult, Scorer, forgetting_check, format_table
 from loramix.files import read_json, write_json
 from loramix.loss import token_nll
 from loramix.model import attach_lora, base_fingerprint, compile_body, count_parameters
-from loramix.runtime import Dist, Interrupted, StopOnSignal, autocast_for, init_distributed, resolve_device, resolve_precision
-from loramix.tracking import EventLog
+from loramix.runtime import Dist, Interrupted, StopOnSignal, autocast_for, init_distributed, progress_bars, resolve_device, resolve_precision
+from loramix.tracking import EventLog, check_trackers, read_metrics
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -105,10 +105,23 @@ def make_plan(cfg: Config, data: Prepared, model, world: int = 1) -> tuple[Plan,
 
 @dataclass
 class TrainResult:
+    """What `train` made: the tuned model (in memory), the plan, the final metrics (None after a dry run)
+    and the run dir."""
+
     model: object
     plan: Plan
     eval: EvalResult | None
     run_dir: Path | None
+
+    @property
+    def adapter(self) -> Path | None:
+        """The PEFT adapter dir (with its model card, README.md)."""
+        return self.run_dir / "adapter" if self.run_dir else None
+
+    @property
+    def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl: every logged training and validation event."""
+        return read_metrics(self.run_dir) if self.run_dir else []
 
 
 def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: bool = False, log=print, progress: bool = True) -> TrainResult:
@@ -121,6 +134,7 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     log = log if dist.main else _silent
     device = resolve_device(cfg.train.device, dist)
     precision = resolve_precision(cfg.train.precision, device)
+    check_trackers(cfg.track)
     tokenizer, data, model = artifacts.load_inputs(cfg, log)
     fingerprints = {"base_fingerprint": base_fingerprint(model), "config_fingerprint": cfg.fingerprint(dist.world)}
     model = attach_lora(model, cfg.lora, cfg.train.seed)
@@ -141,17 +155,21 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     record(status="running")
     # PiSSA and OLoRA move part of the base into the adapter: keep its initial state to convert back.
     initial = artifacts.save_initial_adapter(model, run_dir) if cfg.lora.init in ("pissa", "olora") and dist.main else None
+    loop = None
     try:
         loop = Loop.start(cfg, model, tokenizer, data, plan, device, precision, run_dir, fingerprints, dist, log, progress and dist.main)
         if resume_from is not None:
             loop.resume(resume_from)
         final = final_evaluation(loop, fit(loop, schedule))
         save_results(loop, final, initial)
-    except Interrupted:
-        record(status="interrupted")
-        raise
     except BaseException as e:
-        record(status="failed", error=f"{type(e).__name__}: {e}")
+        interrupted = isinstance(e, Interrupted)
+        if loop is not None:  # the tracker runs end as interrupted or failed; a resume reopens them
+            loop.metrics.close("interrupted" if interrupted else "failed")
+        if interrupted:
+            record(status="interrupted")
+        else:
+            record(status="failed", error=f"{type(e).__name__}: {e}")
         raise
     best = ckpt.best_checkpoint(run_dir)
     record(status="finished", best_checkpoint=best and {"name": best[0], "val_loss": best[1]})
@@ -201,7 +219,7 @@ class Loop:
         score = Scorer(model, device, tokenizer.eos_token_id, cfg.eval.batch_size, autocast, dist)
         loop = cls(cfg, model, data, plan, device, autocast, run_dir, fingerprints, dist, log, params, optimizer,
                    torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                   EventLog(run_dir, cfg.track, enabled=dist.main, run_name=cfg.name), score, tokenizer.eos_token_id, progress,
+                   EventLog(run_dir, cfg.track, enabled=dist.main, run_name=cfg.name, config=cfg.to_dict()), score, tokenizer.eos_token_id, progress,
                    ckpt.TrainState(eval_batch=cfg.eval.batch_size))
         loop.log_nll = torch.zeros((), dtype=torch.float64, device=device)
         return loop
@@ -209,7 +227,7 @@ class Loop:
     def resume(self, path: Path) -> None:
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scaler, self.fingerprints, self.dist.rank, self.dist.world, self.log)
         self.score.batch_size = self.state.eval_batch
-        self.metrics.truncate(self.state.metrics_bytes)  # rows logged after that checkpoint are logged again
+        self.metrics.rewind(self.state.metrics_bytes)  # rows logged after that checkpoint are logged again
         if self.dist.main:  # rank 0 carries the saved sum for everyone
             self.log_nll.fill_(self.state.log_nll)
         self.log(f"resumed from {path.name} (step {self.state.step} of {self.plan.total_steps})")
@@ -284,7 +302,6 @@ def fit(loop: Loop, schedule: list[list[Step]]) -> EvalResult | None:
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {saved} written; "
                                   f"continue with the same command plus --resume --run-dir {loop.run_dir}", signum)
     bar.close()
-    loop.metrics.close()
     return last_eval
 
 
@@ -355,7 +372,7 @@ def _log_train(loop: Loop, epoch: int, lr: float, bar: Progress) -> None:
 
 def _validate(loop: Loop) -> EvalResult:
     state = loop.state
-    loop.score.progress = loop.progress and sys.stderr.isatty()
+    loop.score.progress = loop.progress and progress_bars()
     result = loop.score(loop.data.val_rows, loop.data.mixture.sources)
     state.eval_batch = result.batch_size  # what fitted: later evaluations need not search again
     state.val_loss = o_loss = result.overall.loss
@@ -392,10 +409,14 @@ def final_evaluation(loop: Loop, last_eval: EvalResult | None) -> EvalResult:
 
 
 def save_results(loop: Loop, final: EvalResult, initial: Path | None = None) -> None:
-    """The adapter, then eval.json (written last: its presence marks a finished run)."""
+    """The adapter with its model card, the final metrics and the adapter to the trackers, then eval.json
+    (written last: its presence marks a finished run)."""
     if loop.dist.main:
-        artifacts.save_adapter(loop.model, loop.run_dir, initial)
+        targets = sorted(loop.model.peft_config["default"].target_modules)
+        card = model_card(loop.cfg, loop.data.mixture.manifest, final, targets, loop.plan.trainable)
+        adapter = artifacts.save_adapter(loop.model, loop.run_dir, card, initial)
         loop.log(format_table(final))
+        loop.metrics.finish(final, adapter)
         artifacts.save_eval(loop.run_dir, final)
 
 
@@ -446,13 +467,13 @@ def _count_nonfinite(state: ckpt.TrainState, applied: bool, patience: int, run_d
 
 
 class Progress:
-    """tqdm (with ETA) on a terminal; periodic log lines with an ETA otherwise, so CI logs stay readable."""
+    """tqdm (with ETA) on a terminal or in a notebook; periodic log lines with an ETA otherwise, so CI logs stay readable."""
 
     def __init__(self, total: int, done: int = 0, enabled: bool = True):
         from tqdm.auto import tqdm
 
         self.total, self.done, self.first, self.start = total, done, done, time.perf_counter()
-        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
+        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if enabled and progress_bars() else None
 
     def update(self, step: int, loss: float, lr: float, epoch: int, tokens_per_s: float, log) -> None:
         if self.bar is not None:
