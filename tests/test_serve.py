@@ -135,7 +135,13 @@ def test_bad_requests_get_4xx_with_a_message(server):
     request = urllib.request.Request(f"{url}/v1/completions", data=b" " * (2 << 20), headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request)
-    assert e.value.code == 413
+    assert e.value.code == 413 and "over the server's limit of 1,048,576" in json.loads(e.value.read())["error"]["message"]
+    host, port = url.removeprefix("http://").split(":")  # sent in chunks, with no Content-Length to refuse it by
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b" " * (1 << 19)] * 4), headers={"Content-Type": "application/json"}, encode_chunked=True)
+    answer = conn.getresponse()
+    assert answer.status == 413 and "over the server's limit" in json.loads(answer.read())["error"]["message"]
+    conn.close()
     with urllib.request.urlopen(f"{url}/health") as r:
         assert json.loads(r.read()) == {"status": "ok"}
 

@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from loramix.artifacts import MODEL, kind_of, load_adapters, load_for_generation
@@ -335,6 +336,36 @@ class CountRequests:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
+class RefuseLargeBodies:
+    """ASGI middleware: a body over the limit gets 413 with OpenAI's error body: at once when its
+    Content-Length says so, else as soon as the bytes received pass it (FastAPI's own limit answers in
+    plain text)."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = Headers(scope=scope).get("content-length", "")
+        if size.isdigit() and int(size) > self.max_body:
+            return await error_response(413, self._message(int(size)))(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # the app's HTTPException handler answers it
+                raise HTTPException(413, self._message(received))
+            return message
+
+        return await self.app(scope, limited, send)
+
+    def _message(self, size: int) -> str:
+        return f"the request body is {size:,} bytes or more, over the server's limit of {self.max_body:,}; send less"
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line naming the field and what it takes, from pydantic's errors."""
     errors = exc.errors()
@@ -355,10 +386,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def build_app(engine: Engine, log=print, max_body: int = 1 << 20) -> FastAPI:
     """The FastAPI app over `engine`; the engine's scheduler must run (`engine.scheduler.running()`)."""
-    app = FastAPI(title="loramix", max_body_size=max_body, strict_content_type=False, openapi_url=None)
+    app = FastAPI(title="loramix", strict_content_type=False, openapi_url=None)
     app.state.served = Served(engine, Metrics(engine.scheduler), log)
     engine.scheduler.on_step = app.state.served.metrics.step_rows.observe
-    app.add_middleware(CountRequests, metrics=app.state.served.metrics)
+    app.add_middleware(RefuseLargeBodies, max_body=max_body)
+    app.add_middleware(CountRequests, metrics=app.state.served.metrics)  # outermost: counts the 413s too
     app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
     app.add_api_route("/v1/models", models, methods=["GET"])
