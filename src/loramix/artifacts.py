@@ -119,14 +119,11 @@ def attach_trained(source: Path, base, adapter_name: str = "default"):
         LoramixError: no adapter yet, or a base other than the run's.
     """
     adapter = adapter_path(source)
-    _check_base(source, base_fingerprint(base), base.config.name_or_path or "the base model")
-    return load_adapter(base, adapter, adapter_name=adapter_name)
-
-
-def _check_base(source: Path, fingerprint: str, name: str) -> None:
     expected = read_status(source).get("base_fingerprint") if kind_of(source) == RUN else None
-    if expected and fingerprint != expected:
+    if expected and base_fingerprint(base) != expected:  # hashed only where a run recorded what to compare with
+        name = base.config.name_or_path or "the base model"
         raise LoramixError(f"{name} differs from the base {source} was trained on; restore that base model")
+    return load_adapter(base, adapter, adapter_name=adapter_name)
 
 
 def load_tuned(source: Path, adapter_name: str = "default"):
