@@ -79,3 +79,15 @@ def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
 def test_merge_of_something_else(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "is neither a loramix run dir (config.yaml) nor a PEFT adapter dir" in capsys.readouterr().err
+
+
+def test_a_run_on_another_base_is_refused(tiny_run, tmp_path, capsys):
+    """run.json records the base's fingerprint: a base rebuilt differently is named, not silently used."""
+    import json
+    import shutil
+
+    run = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    status = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**status, "base_fingerprint": "0" * 16}))
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 2
+    assert "differs from the base" in capsys.readouterr().err and not (tmp_path / "merged").exists()
