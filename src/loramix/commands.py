@@ -16,7 +16,7 @@ from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult, Scorer, forgetting_check
 from loramix.generation import Sampling
 from loramix.generation import generate as sample
-from loramix.model import compile_body
+from loramix.model import compile_body, pack_head
 from loramix.reporting import build_report
 from loramix.runtime import autocast_for, init_distributed, progress_bars, resolve_device, resolve_precision
 from loramix.training import TrainResult
@@ -146,7 +146,9 @@ def generate(source: str | Path, prompts: str | list[str], sampling: Sampling | 
     sampling.check()  # before the model loads
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model, tokenizer = artifacts.load_for_generation(Path(source))
-    texts, rate = sample(model.to(resolve_device(device)).eval(), tokenizer, prompts, sampling, stream=stream)
+    model = model.to(resolve_device(device)).eval()
+    pack_head(model)
+    texts, rate = sample(model, tokenizer, prompts, sampling, stream=stream)
     return Completions(texts, rate)
 
 

@@ -1,0 +1,60 @@
+"""The serving engine's fast paths against the stock ones: the oneDNN-packed LM head against nn.Linear, and
+the chunked greedy and top-k against torch's argmax and topk (ties, a maximum in the last partial chunk)."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from loramix import batching
+from loramix.config import load_config
+from loramix.model import base_fingerprint, load_base_model, pack_head, unwrap
+
+pytestmark = pytest.mark.unit
+
+
+def tiny_gpt2():
+    cfg = load_config(None, ["model.init=random", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"])
+    return load_base_model(cfg.model, 64).eval()
+
+
+def test_the_packed_head_gives_the_stock_logits_and_keeps_the_weights():
+    model = tiny_gpt2()
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole, last = model(input_ids=ids).logits, model(input_ids=ids, logits_to_keep=1).logits
+    fingerprint, keys = base_fingerprint(model), set(model.state_dict())
+    assert pack_head(model)
+    assert type(model.lm_head).__name__ == "_PackedHead"
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, whole, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(input_ids=ids, logits_to_keep=1).logits, last, atol=1e-5, rtol=0)  # a strided (B, 1, d) slice
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert set(model.state_dict()) == keys and base_fingerprint(model) == fingerprint
+
+
+def test_a_head_it_cannot_pack_is_left_alone():
+    adapted = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert not pack_head(adapted) and type(unwrap(adapted).lm_head).__name__ != "_PackedHead"
+    half = tiny_gpt2().to(torch.bfloat16)
+    assert not pack_head(half) and type(half.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("vocab", [50257, 1000, 128, 129, 64])
+def test_chunked_greedy_and_top_k_equal_argmax_and_topk(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(12):
+        logits = torch.randn(6, vocab, generator=gen) * 3
+        if trial % 3 == 0:
+            logits[:, -1] = 50.0  # the maximum in the last, partial, chunk
+        if trial % 4 == 0:
+            logits = logits.round()  # many ties: argmax takes the first; topk's order among ties is its own
+        assert torch.equal(batching._greedy(logits), logits.argmax(-1))
+        rows = [0, 3, 5]
+        for k in (1, 5, 50):
+            if k <= vocab:
+                ours, theirs = batching._top(logits, rows, k), logits[rows].topk(k).indices
+                sub = logits[rows]
+                # the same values; the same ids where no value ties at the k-th place
+                assert torch.equal(sub.gather(1, ours).sort(-1).values, sub.gather(1, theirs).sort(-1).values)
+                if trial % 4:
+                    assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)
