@@ -1,5 +1,6 @@
-"""The serving engine's fast paths against the stock ones: the oneDNN-packed LM head against nn.Linear, and
-the chunked greedy and top-k against torch's argmax and topk (ties, a maximum in the last partial chunk)."""
+"""The serving engine's fast paths against the stock ones: the oneDNN-packed LM head against nn.Linear,
+the chunked greedy and top-k against torch's argmax and topk (ties, a maximum in the last partial chunk),
+and text decoded a few tokens at a time against decoding them all."""
 
 import pytest
 import torch
@@ -48,13 +49,34 @@ def test_chunked_greedy_and_top_k_equal_argmax_and_topk(vocab):
             logits[:, -1] = 50.0  # the maximum in the last, partial, chunk
         if trial % 4 == 0:
             logits = logits.round()  # many ties: argmax takes the first; topk's order among ties is its own
-        assert torch.equal(batching._greedy(logits), logits.argmax(-1))
+        maxima = batching._chunk_maxima(logits)
+        assert torch.equal(batching._greedy(logits, maxima), logits.argmax(-1))
         rows = [0, 3, 5]
         for k in (1, 5, 50):
             if k <= vocab:
-                ours, theirs = batching._top(logits, rows, k), logits[rows].topk(k).indices
+                ours, theirs = batching._top(logits, maxima, rows, k), logits[rows].topk(k).indices
                 sub = logits[rows]
                 # the same values; the same ids where no value ties at the k-th place
                 assert torch.equal(sub.gather(1, ours).sort(-1).values, sub.gather(1, theirs).sort(-1).values)
                 if trial % 4:
                     assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "sentencepiece", "bytelevel", "opt"])
+def test_text_decoded_a_few_tokens_at_a_time_equals_decoding_them_all(kind):
+    """After every token: accents, emoji split over byte tokens, SentencePiece's leading spaces, random ids."""
+    from tiny_families import hf_tokenizer, sample_texts
+
+    from loramix.generation import Sampling
+    from loramix.model import load_tokenizer
+
+    tok = load_tokenizer(load_config(None, []).model) if kind == "gpt2" else hf_tokenizer(kind)
+    gen = torch.Generator().manual_seed(0)
+    cases = [tok(t, add_special_tokens=False)["input_ids"] for t in sample_texts(40)]
+    cases += [torch.randint(0, len(tok), (40,), generator=gen).tolist() for _ in range(40)]
+    for ids in cases:
+        seq = batching.Sequence([], None, Sampling(), lambda event: None)
+        for token in ids:
+            seq.tokens.append(token)
+            assert batching._text(tok, seq) == tok.decode(seq.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert seq.read_at > 0  # it did decode a few at a time
