@@ -439,7 +439,7 @@ def _candidates(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], top
     ids = None
     if max(ks) < vocab:  # sampling needs only these columns: a softmax over (b, k) instead of (b, V)
         ids = _top(logits, maxima, rows, max(ks)).sort(-1).values
-        logits = logits[torch.tensor(rows, device=logits.device)[:, None], ids]
+        logits = _pick(logits, torch.tensor(rows, device=logits.device)[:, None], ids)
     else:
         logits = logits[rows]
     limited = [r for r, k in enumerate(ks) if k < logits.shape[-1]]
@@ -471,8 +471,13 @@ def _in_chunks(logits: torch.Tensor, rows: torch.Tensor, chunks: torch.Tensor) -
     vocabulary's end."""
     vocab = logits.shape[-1]
     ids = (chunks[..., None] * _CHUNK + torch.arange(_CHUNK, device=logits.device)).flatten(1)
-    values = logits[rows, ids.clamp(max=vocab - 1)].masked_fill(ids >= vocab, float("-inf"))
+    values = _pick(logits, rows, ids.clamp(max=vocab - 1)).masked_fill(ids >= vocab, float("-inf"))
     return ids, values
+
+
+def _pick(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits[rows, ids] for rows (b, 1) and ids (b, m), by flat index (faster than indexing with two tensors)."""
+    return logits.contiguous().take(rows * logits.shape[-1] + ids)
 
 
 def _greedy(logits: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
