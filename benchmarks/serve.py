@@ -1,6 +1,6 @@
 """`loramix serve` under concurrent clients, against the same requests sent one at a time.
 
-    python benchmarks/serve.py            # ~2 minutes on 2 CPU cores
+    python benchmarks/serve.py            # ~3 minutes on 2 CPU cores
 
 A random-init GPT-2 (GPT-2's real vocabulary) is saved as a model dir, two LoRA adapters of it (random,
 non-zero B) as stock PEFT adapter dirs; `loramix serve` runs on both in its own process (`--max-batch 16
@@ -9,9 +9,11 @@ completions spread over the two adapters, half greedy, half seeded top-k samplin
 is left out: a random-init model's flat distribution makes its nucleus the whole vocabulary, a full sort per
 row that no trained model needs). Concurrency 1 is one-at-a-time serving; 4 and 16 send the same requests;
 64 sends twice as many, more than batch plus queue hold, so the excess gets 429 (a client then moves on to
-its next request). Reported per level: completion tokens/s, requests answered, 429s, failures, p50/p95
-latency of the answered ones, and tokens/s relative to concurrency 1. Prints a table, writes JSON and
-replaces this benchmark's section of benchmarks/RESULTS.md.
+its next request). The levels run in turn `--repeats` times, so that each ratio compares runs a minute apart
+on a CPU whose speed drifts (other work, its caches): reported per level are the medians over the repeats of
+completion tokens/s, of tokens/s relative to concurrency 1 in the same repeat (with the lowest and highest),
+and of the p50/p95 latency of the answered requests; requests answered, 429s and failures are totals. Prints a
+table, writes JSON (every repeat) and replaces this benchmark's section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -133,23 +135,35 @@ def start_server(dirs: list[Path], spec: dict) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
+def summary(runs: list[list[dict]]) -> list[dict]:
+    """Per level, over the repeats: medians of tokens/s, of the ratio to concurrency 1 in the same repeat and of
+    the latencies; the lowest and highest ratio; totals of the counts."""
+    out = []
+    for rows in zip(*runs):
+        ratios = [r["tokens_per_s"] / run[0]["tokens_per_s"] for r, run in zip(rows, runs)]
+        out.append({"clients": rows[0]["clients"], **{k: sum(r[k] for r in rows) for k in ("requests", "answered", "rejected_429", "failed")},
+                    **{k: statistics.median(r[k] for r in rows) for k in ("tokens_per_s", "p50_s", "p95_s")},
+                    "vs_one": statistics.median(ratios), "vs_one_range": [min(ratios), max(ratios)]})
+    return out
+
+
 def table(spec: dict, rows: list[dict]) -> str:
-    base = rows[0]["tokens_per_s"]
     about = (f"model: GPT-2 architecture, {spec['layers']} layers, width {spec['width']}, random init, GPT-2 vocabulary; 2 LoRA adapters"
              f" (loramix's default LoRA on c_attn and c_proj), requests alternating between them; max_tokens {spec['max_tokens']},"
              f" half greedy, half seeded sampling (temperature 0.8, top_k 50); server --max-batch {spec['max_batch']}"
-             f" --max-queue {spec['max_queue']}, {spec['threads'] or 'default'} torch thread(s)")
+             f" --max-queue {spec['max_queue']}, {spec['threads'] or 'default'} torch thread(s); {spec['repeats']} repeats of every level")
     lines = [about, "",
-             "| concurrent clients | requests | answered | 429 | failed | completion tokens/s | vs one at a time | p50 latency s | p95 latency s |",
+             "| concurrent clients | requests | answered | 429 | failed | completion tokens/s | vs one at a time (lowest-highest) | p50 latency s | p95 latency s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        low, high = r["vs_one_range"]
         lines.append(f"| {r['clients']} | {r['requests']} | {r['answered']} | {r['rejected_429']} | {r['failed']} | {r['tokens_per_s']:,.0f} |"
-                     f" {r['tokens_per_s'] / base:.1f}x | {r['p50_s']:.2f} | {r['p95_s']:.2f} |")
+                     f" {r['vs_one']:.1f}x ({low:.1f}-{high:.1f}) | {r['p50_s']:.2f} | {r['p95_s']:.2f} |")
     by = {r["clients"]: r for r in rows}
     if 16 in by and 64 in by:
-        summary = (f"At 16 clients: {by[16]['tokens_per_s'] / base:.1f}x the completion tokens/s of one-at-a-time serving, {by[16]['failed']}"
+        summary = (f"At 16 clients: {by[16]['vs_one']:.1f}x the completion tokens/s of one-at-a-time serving (median of {spec['repeats']}), {by[16]['failed']}"
                    f" failed. At 64 clients: {by[64]['answered']} admitted and answered, {by[64]['rejected_429']} turned away with 429,"
-                   f" {by[64]['failed']} failed. The CPU is shared with other work: its load moves these numbers between runs.")
+                   f" {by[64]['failed']} failed.")
         lines += ["", summary]
     return "\n".join(lines)
 
@@ -174,23 +188,28 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (0: torch's default); 1 keeps a shared CPU from thrashing")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="the server's torch threads (0: torch's default); 1 leaves the other core of 2 to the HTTP loop and the clients"
+                         " (torch's default of 2 measured ~35%% fewer tokens/s at 16 clients)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every level, in turn; medians are reported")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serve.json"))
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="markdown file whose section to replace ('' for none)")
     args = ap.parse_args()
-    spec = {k: getattr(args, k) for k in ("layers", "width", "heads", "max_tokens", "requests", "max_batch", "max_queue", "device", "threads")}
+    spec = {k: getattr(args, k) for k in ("layers", "width", "heads", "max_tokens", "requests", "max_batch", "max_queue", "device", "threads", "repeats")}
     with tempfile.TemporaryDirectory() as work:
         proc, url = start_server(build(Path(work), spec), spec)
         try:
             level(url, requests(4, spec["max_tokens"]), 4)  # warm-up
-            rows = [level(url, requests(spec["requests"] * (2 if c == 64 else 1), spec["max_tokens"]), c) for c in (1, 4, 16, 64)]
+            runs = [[level(url, requests(spec["requests"] * (2 if c == 64 else 1), spec["max_tokens"]), c) for c in (1, 4, 16, 64)]
+                    for _ in range(spec["repeats"])]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     env = environment(spec)
+    rows = summary(runs)
     text = table(spec, rows)
     print(text)
-    Path(args.out).write_text(json.dumps({"spec": spec, "environment": env, "results": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"spec": spec, "environment": env, "results": rows, "repeats": runs}, indent=2) + "\n")
     if args.results:
         replace_section(Path(args.results), f"serve-{args.device.split(':')[0]}", env, text)
     print(f"wrote {args.out}")

@@ -253,6 +253,45 @@ def test_a_client_that_leaves_frees_its_slot(slow_server):
         assert seqs[n].cancelled and len(seqs[n].tokens) < 32
 
 
+def test_a_stalled_client_holds_neither_the_engine_nor_the_others(adapter_dirs, monkeypatch):
+    """A streaming client whose connection takes no more bytes (its sends never return): its row still runs to
+    its end and leaves, and a request sent meanwhile is answered."""
+    import asyncio
+
+    from loramix import serve
+
+    def build_app(*args, **kwargs):
+        app = real(*args, **kwargs)
+
+        async def stalling(scope, receive, send):
+            async def stalled_send(message):
+                if message["type"] == "http.response.body" and message.get("body"):
+                    await asyncio.Event().wait()  # as a full socket buffer would hold it, for good
+                await send(message)
+
+            stalled = scope["type"] == "http" and (b"x-stall", b"1") in scope["headers"]
+            await app(scope, receive, stalled_send if stalled else send)
+
+        return stalling
+
+    real = serve.build_app
+    monkeypatch.setattr(serve, "build_app", build_app)
+    engine = load_engine(adapter_dirs, max_tokens=32, device=torch.device("cpu"), max_batch=4, log=quiet)
+    seqs, submit = [], engine.scheduler.submit
+    monkeypatch.setattr(engine.scheduler, "submit", lambda new: (submit(new), seqs.extend(new)))
+    with running(engine, log=quiet) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        stalled = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = {"model": "beta", "prompt": "The market", "max_tokens": 32, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        stalled.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "X-Stall": "1"})
+        _wait(lambda: seqs and seqs[0].tokens)
+        status, _, answer = _post(srv.url, {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 8
+        _wait(lambda: seqs[0].done and engine.scheduler.batch_size == 0)
+        assert len(seqs[0].tokens) == 32 and not seqs[0].cancelled
+        stalled.close()
+
+
 # ---------------------------------------------------------------- exactness of the batch
 
 
