@@ -1,4 +1,4 @@
-"""The serving engine's fast paths against the stock ones: the oneDNN-packed LM head against nn.Linear,
+"""The serving engine's fast paths against the stock ones: oneDNN-packed linear layers against MKL's,
 the chunked greedy and top-k against torch's argmax and topk (ties, a maximum in the last partial chunk),
 and text decoded a few tokens at a time against decoding them all."""
 
@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from loramix import batching
 from loramix.config import load_config
-from loramix.model import base_fingerprint, load_base_model, pack_head, unwrap
+from loramix.model import base_fingerprint, load_base_model, pack_linears, unwrap
 
 pytestmark = pytest.mark.unit
 
@@ -24,8 +24,8 @@ def test_the_packed_head_gives_the_stock_logits_and_keeps_the_weights():
     with torch.inference_mode():
         whole, last = model(input_ids=ids).logits, model(input_ids=ids, logits_to_keep=1).logits
     fingerprint, keys = base_fingerprint(model), set(model.state_dict())
-    assert pack_head(model)
-    assert type(model.lm_head).__name__ == "_PackedHead"
+    assert pack_linears(model) == 1  # the head (1.6M weights); the body's layers are too small to gain
+    assert type(model.lm_head).__name__ == "_Packed" and type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits, whole, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(input_ids=ids, logits_to_keep=1).logits, last, atol=1e-5, rtol=0)  # a strided (B, 1, d) slice
@@ -33,11 +33,31 @@ def test_the_packed_head_gives_the_stock_logits_and_keeps_the_weights():
     assert set(model.state_dict()) == keys and base_fingerprint(model) == fingerprint
 
 
-def test_a_head_it_cannot_pack_is_left_alone():
-    adapted = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["lm_head"]))
-    assert not pack_head(adapted) and type(unwrap(adapted).lm_head).__name__ != "_PackedHead"
+@pytest.mark.parametrize("dora", [False, True])
+def test_packed_base_layers_under_lora_give_the_same_logits(dora):
+    """A Llama-shaped layer whose MLP projections are large enough to pack, LoRA (or DoRA) on attention and MLP:
+    PEFT's base layers are packed, LoRA's own layers and the small projections are not, the logits stay."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], use_dora=dora,
+                                                                init_lora_weights=False)).eval()
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    assert pack_linears(model) == 3  # gate, up, down (512 x 2,048); q, k, v, o (512 x 512) and the head (1,000 x 512) are smaller
+    mlp, attention = unwrap(model).model.layers[0].mlp, unwrap(model).model.layers[0].self_attn
+    assert type(mlp.up_proj.base_layer).__name__ == "_Packed" and type(mlp.up_proj.lora_A["default"]) is torch.nn.Linear
+    assert type(mlp.gate_proj).__name__ == "_Packed" and type(attention.q_proj.base_layer) is torch.nn.Linear
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=0)
+
+
+def test_layers_it_cannot_pack_are_left_alone():
     half = tiny_gpt2().to(torch.bfloat16)
-    assert not pack_head(half) and type(half.lm_head) is torch.nn.Linear
+    assert pack_linears(half) == 0 and type(half.lm_head) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("vocab", [50257, 1000, 128, 129, 64])

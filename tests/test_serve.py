@@ -18,7 +18,7 @@ from loramix.artifacts import load_adapters, load_for_generation
 from loramix.batching import BASE, Scheduler, Sequence
 from loramix.config import load_config
 from loramix.generation import Sampling, generate
-from loramix.model import pack_head, unwrap
+from loramix.model import pack_linears, unwrap
 from loramix.serve import load_engine, running
 from loramix.training import train
 
@@ -303,7 +303,7 @@ def test_batched_logits_equal_each_request_alone(adapter_dirs):
     model, tok, _ = load_adapters(adapter_dirs)
     model.eval()
     stock = unwrap(model).get_output_embeddings()
-    assert pack_head(model)
+    assert pack_linears(model) == 1  # the head: the tiny body's layers are under the size worth packing
     texts = ["Once upon a time", "The", "A much longer prompt that goes on and on for a while", "The market", "x y z", "Markets rallied today after"]
     adapters = ["alpha", "beta", BASE, "beta", "alpha", BASE]
     settings = [Sampling(max_new_tokens=4 + 2 * k, temperature=0.0 if k % 2 else 0.9, seed=k, repetition_penalty=1.0 + 0.1 * (k % 3))

@@ -16,7 +16,7 @@ from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult, Scorer, forgetting_check
 from loramix.generation import Sampling
 from loramix.generation import generate as sample
-from loramix.model import compile_body, pack_head
+from loramix.model import compile_body, pack_linears
 from loramix.reporting import build_report
 from loramix.runtime import autocast_for, init_distributed, progress_bars, resolve_device, resolve_precision
 from loramix.training import TrainResult
@@ -147,7 +147,7 @@ def generate(source: str | Path, prompts: str | list[str], sampling: Sampling | 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model, tokenizer = artifacts.load_for_generation(Path(source))
     model = model.to(resolve_device(device)).eval()
-    pack_head(model)
+    pack_linears(model)
     texts, rate = sample(model, tokenizer, prompts, sampling, stream=stream)
     return Completions(texts, rate)
 

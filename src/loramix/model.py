@@ -307,33 +307,49 @@ def compile_body(model, mode: str, device: torch.device) -> bool:
     return True
 
 
-class _PackedHead(torch.nn.Module):
-    """An nn.Linear's matmul through oneDNN on a copy of its weight packed once (inference only). The
-    Parameters stay as they were: tied embeddings, the state dict and the fingerprint still see them."""
+class _Packed(torch.nn.Module):
+    """A linear layer's matmul through oneDNN on a copy of its weight packed once (inference only). The
+    Parameters stay as they were: tied embeddings, the state dict, the fingerprint and PEFT (which reads a base
+    layer's weight, e.g. for DoRA) still see them."""
 
-    def __init__(self, head: torch.nn.Linear):
+    def __init__(self, layer: torch.nn.Module, weight: torch.Tensor):
         super().__init__()
-        self.weight, self.bias = head.weight, head.bias
+        self.weight, self.bias = layer.weight, layer.bias
         # packed for 16 rows: any hint of 4 or more measured the same from 1 to 32 rows, a hint of 1 was slower everywhere
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), 16)  # a plain attribute: not in the state dict
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)  # (out, in); a plain attribute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_head(model) -> bool:
-    """Run the LM head through oneDNN with its weight packed, for generation on CPU; returns whether it did.
+# Smaller layers stay with MKL: oneDNN's call costs more there for one row (128 x 384: 20 against 7 us; 768 x
+# 768: 53 against 48). From ~1M weights packing is as fast for one row and 1.5x faster for 16 (512 x 2,048: 77
+# against 76-90 us, 322 against 463-494), one thread on this project's CPUs.
+_PACKED_AT_LEAST = 1 << 20
 
-    A decode step multiplies a few rows by the (vocabulary x width) head. MKL's kernels for that shape are slow
-    on this project's AMD CPUs (GPT-2's 50,257-token head at width 128, one thread: 3.3 ms for one row, 6.5 ms
-    for 16); oneDNN on a packed weight takes 1.0 and 2.9 ms, and 15 against 35 ms for 16 rows at GPT-2 124M's
-    width. The cost is one more copy of the head in memory. Left alone: a head on another device or dtype, or
-    adapted by LoRA (not a plain nn.Linear).
+
+def pack_linears(model) -> int:
+    """Run the model's large linear layers (nn.Linear, GPT-2's Conv1D, the LM head; not LoRA's own) through
+    oneDNN with their weights packed, for generation on CPU in fp32; returns how many it packed.
+
+    MKL's kernels for the few rows of a decode step are slow on this project's AMD CPUs, most of all for the
+    (out, in) weight of an nn.Linear. One thread: GPT-2's 50,257-token head at width 128 takes 3.3 ms for one row
+    and 6.5 for 16 through MKL, 1.0 and 2.9 packed; a Qwen2-0.5B-sized MLP projection (896 -> 4,864) 0.88 and 3.1
+    ms, 0.54 and 1.6 packed. The cost is a second copy of each packed weight in memory (GPT-2 124M: +0.5 GB).
+    Left alone: layers under _PACKED_AT_LEAST weights, on another device or in another dtype, other module types.
     """
-    hf = unwrap(model)
-    head = hf.get_output_embeddings()
-    usable = torch.backends.mkldnn.is_available() and type(head) is torch.nn.Linear
-    if not usable or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-        return False
-    hf.set_output_embeddings(_PackedHead(head))
-    return True
+    from transformers.pytorch_utils import Conv1D
+
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    found = []
+    for name, parent in unwrap(model).named_modules():
+        for child_name, child in parent.named_children():
+            if "lora_" in f"{name}.{child_name}" or type(child) not in (torch.nn.Linear, Conv1D):
+                continue
+            weight = child.weight if type(child) is torch.nn.Linear else child.weight.t()  # Conv1D keeps (in, out)
+            if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= _PACKED_AT_LEAST:
+                found.append((parent, child_name, child, weight))
+    for parent, child_name, child, weight in found:
+        setattr(parent, child_name, _Packed(child, weight))
+    return len(found)

@@ -39,7 +39,7 @@ from loramix.artifacts import MODEL, kind_of, load_adapters, load_for_generation
 from loramix.batching import BASE, Event, QueueFull, Scheduler, Sequence
 from loramix.errors import LoramixError
 from loramix.generation import Sampling
-from loramix.model import context_length, pack_head
+from loramix.model import context_length, pack_linears
 from loramix.serve_api import (
     ChatChoice,
     ChatChunk,
@@ -97,7 +97,7 @@ def load_engine(sources: list[Path], max_tokens: int, device: torch.device, max_
     else:
         model, tok, names = load_adapters(sources)
     model = model.to(device).eval()
-    pack_head(model)
+    pack_linears(model)
     scheduler = Scheduler(model, tok, max_batch=max_batch, max_queue=max_queue, log=log)
     return Engine(scheduler, tok, names, max_tokens, context_length(model.config) or 1024)
 
