@@ -1,21 +1,23 @@
 """Continuous batching: one scheduler thread owns the model, and requests for different adapters share a batch.
 
-Every step is one forward with the KV cache: the running rows decode their next token, and prompts waiting
-for a slot join them in the same forward (their prefill); then every row samples its next token with its own
-settings and torch.Generator, and rows that finished (or whose client left) leave. Each row runs through its
-own adapter, or none, by PEFT's mixed-adapter batches (`adapter_names=`), never by switching the model's
-active adapter. A model whose layers fold the batch into the token dimension before an adapted module
-(OPT's MLP) cannot mix adapters in one forward: there a batch holds one adapter's rows at a time, run with
-that adapter active, and requests for other adapters wait for it to drain.
+Every step runs the running rows' next token through one forward with the KV cache and, when prompts were
+waiting for a slot, their prefill through another, whose cache then joins the batch's; every row samples its
+next token with its own settings and torch.Generator, and rows that finished (or whose client left) leave.
+Each row runs through its own adapter, or none, by PEFT's mixed-adapter batches (`adapter_names=`), never by
+switching the model's active adapter. A model whose layers fold the batch into the token dimension before an
+adapted module (OPT's MLP) cannot mix adapters in one forward: there a batch holds one adapter's rows at a
+time, run with that adapter active, and requests for other adapters wait for it to drain.
 
-Rows share the cache's columns; a column a row does not use is masked (left padding, and the stretch a
-running row spends while a new prompt is prefilled), and position ids count each row's own tokens from 0
-(GPT-2 has learned absolute positions), so a row's logits are those of the same request alone. The cache is
-compacted (each row's tokens moved right, unused columns dropped) whenever rows join or leave.
+Rows share the cache's columns: a row's tokens are its last columns, left-padded with masked ones, and
+position ids count each row's own tokens from 0 (GPT-2 has learned absolute positions), so a row's logits are
+those of the same request alone. Prefilling new prompts apart costs a second forward's overheads but runs
+only their tokens: in one forward with the running rows, every running row would run the longest prompt's
+width too (16 rows x 14 positions for one 14-token prompt). Columns no row needs any more go when rows leave.
 
-    step with a new prompt:  cache          | inputs
-      running row            [p p p t t t]  | [-  -  t]   positions  . . 6
-      new row                [- - - - - -]  | [p  p  p]   positions  0 1 2
+    decode    cache          | input  position        prefill (new prompts)  | inputs      positions
+      row a   [- - p p t t]  | [t]    4                 row c                  | [-  p  p]   0 0 1
+      row b   [p p p p p t]  | [t]    5                 row d                  | [p  p  p]   0 1 2
+    then c and d's cache, 3 columns wide, is padded on the left to the batch's 7 and joined to it.
 """
 
 from __future__ import annotations
@@ -169,8 +171,8 @@ class Scheduler:
             self._fail(seq, message)
 
     def step(self) -> dict[Sequence, torch.Tensor]:
-        """One forward for the whole batch: the next token of the running rows and the prompts of the admitted
-        ones; then every row samples. Returns the logits (V,) each row sampled from, by sequence."""
+        """The next token of the running rows and the prompts of the admitted ones; then every row samples.
+        Returns the logits (V,) each row sampled from, by sequence."""
         self._leave(lambda s: s.cancelled, "cancelled")
         new, running = self._admit(), self._rows
         seqs = (running.seqs if running else []) + new
@@ -185,8 +187,6 @@ class Scheduler:
             if token is not None:
                 self._advance(seq, token)
         self._leave(lambda s: s.done, None)
-        if new and self._rows:
-            self._rows = _compact(self._rows)  # the running rows' columns for the new prompts are holes
         if self.on_step is not None:
             self.on_step(len(seqs))
         return dict(zip(seqs, logits))
@@ -219,10 +219,14 @@ class Scheduler:
     # ------------------------------------------------------------ forwards
 
     def _forward(self, running: _Rows | None, new: list[Sequence]) -> tuple[_Rows, torch.Tensor]:
-        """The batch after one forward, and the logits (B, V) of every row's last position, each row through
-        its own adapter."""
-        seqs = (running.seqs if running else []) + new
-        ids, positions, mask, cache = _step_inputs(running, new, self.model.device)
+        """The batch after this step's forwards (decode, prefill or both, joined), and the logits (B, V) of every
+        row's last position, each row through its own adapter."""
+        device = self.model.device
+        parts = ([self._run(*_decode_inputs(running, device))] if running else []) + ([self._run(*_prefill_inputs(new, device))] if new else [])
+        rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0])
+        return rows, torch.cat([logits for _, logits in parts])
+
+    def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> tuple[_Rows, torch.Tensor]:
         adapters = [s.adapter for s in seqs]
         extra = {"adapter_names": adapters} if self.mixes and any(a is not None for a in adapters) else {}
         with torch.inference_mode(), contextlib.nullcontext() if extra or adapters[0] is None else _only(self.model, adapters[0]):
@@ -277,7 +281,7 @@ class Scheduler:
         self._emit(seq, Event(seq.index, "", None, len(seq.tokens), error=message))
 
     def _leave(self, gone: Callable[[Sequence], bool], reason: str | None) -> None:
-        """Rows for which `gone` holds leave the batch (sent `reason` when it is set); leading pad columns no row needs go too."""
+        """Rows for which `gone` holds leave the batch (sent `reason` when it is set); leading columns no row needs go too."""
         rows = self._rows
         if rows is None:
             return
@@ -293,7 +297,7 @@ class Scheduler:
             return
         index = torch.tensor(keep, device=rows.mask.device)
         kv = [(layer.keys[index], layer.values[index]) for layer in rows.cache.layers]
-        self._rows = _compact(_Rows([rows.seqs[k] for k in keep], DynamicCache(kv), rows.mask[index]))
+        self._rows = _trim(_Rows([rows.seqs[k] for k in keep], DynamicCache(kv), rows.mask[index]))
 
 
 def _mixes_adapters(model) -> bool:
@@ -321,45 +325,42 @@ def _only(model, adapter: str):
     return contextlib.nullcontext()
 
 
-def _step_inputs(running: _Rows | None, new: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
-    """Input ids and position ids (B, W), attention mask (B, L + W) and cache of one step, W the longest new
-    prompt (1 without one): a running row's last token at the right with masked pads before it; a new row's
-    prompt left-padded, after masked columns as long as the running cache (zeros in it)."""
-    width = max([len(s.prompt) for s in new], default=1)
-    ids, positions, mask = [], [], []
-    counts = running.mask.sum(1).tolist() if running else []  # a row's tokens so far: the position of its next one
-    for seq, count in zip(running.seqs if running else [], counts):
-        ids.append([0] * (width - 1) + [seq.tokens[-1]])  # pad ids are masked out
-        positions.append([0] * (width - 1) + [count])
-        mask.append([0] * (width - 1) + [1])
-    for seq in new:
-        pad = width - len(seq.prompt)
-        ids.append([0] * pad + seq.prompt)
-        positions.append([0] * pad + list(range(len(seq.prompt))))
-        mask.append([0] * pad + [1] * len(seq.prompt))
-    tensors = [torch.tensor(x, device=device) for x in (ids, positions, mask)]
-    if running is None:
-        return *tensors, DynamicCache()
-    more = (0, 0, 0, 0, 0, 0, 0, len(new))  # rows of zeros for the new sequences under the running rows' columns (B, H, L, D)
-    cache = DynamicCache([(F.pad(x.keys, more), F.pad(x.values, more)) for x in running.cache.layers]) if new else running.cache
-    return tensors[0], tensors[1], torch.cat([F.pad(running.mask, (0, 0, 0, len(new))), tensors[2]], 1), cache
+def _decode_inputs(rows: _Rows, device) -> tuple[list[Sequence], torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    """The running rows' last tokens and their positions (B, 1: a row's tokens so far), the mask one column
+    wider (B, L + 1) and the cache."""
+    ids = torch.tensor([[seq.tokens[-1]] for seq in rows.seqs], device=device)
+    return rows.seqs, ids, rows.mask.sum(1, keepdim=True), F.pad(rows.mask, (0, 1), value=1), rows.cache
 
 
-def _compact(rows: _Rows) -> _Rows:
-    """The batch with every row's real columns moved to the right, in order, and the columns no row needs
-    any more dropped (positions are per row, not per column, so a token's column may move); or the batch as it
-    is while its holes are under half its real width: a hole costs each step a masked column, and moving every
-    row's cache on each join and leave cost more (16 rows: 3 ms a time, ~1.5 ms a step when 16 clients come and go)."""
-    width = int(rows.mask.sum(1).max())
-    if rows.mask.shape[1] <= width + width // 2:
+def _prefill_inputs(new: list[Sequence], device) -> tuple[list[Sequence], torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    """New prompts left-padded to the longest (B, W), positions from 0 at each one's first token, mask, no cache."""
+    width = max(len(seq.prompt) for seq in new)
+    pads = [width - len(seq.prompt) for seq in new]
+    ids = [[0] * pad + seq.prompt for pad, seq in zip(pads, new)]  # pad ids are masked out
+    positions = [[0] * pad + list(range(len(seq.prompt))) for pad, seq in zip(pads, new)]
+    mask = [[0] * pad + [1] * len(seq.prompt) for pad, seq in zip(pads, new)]
+    return new, *(torch.tensor(x, device=device) for x in (ids, positions, mask)), DynamicCache()
+
+
+def _join(a: _Rows, b: _Rows) -> _Rows:
+    """Two batches as one, the narrower one's rows padded on the left with masked columns."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    kv, masks = [], []
+    for rows in (a, b):
+        pad = width - rows.mask.shape[1]
+        kv.append([(F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))) for layer in rows.cache.layers])  # (B, H, L, D)
+        masks.append(F.pad(rows.mask, (pad, 0)))
+    joined = [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(*kv)]
+    return _Rows(a.seqs + b.seqs, DynamicCache(joined), torch.cat(masks))
+
+
+def _trim(rows: _Rows) -> _Rows:
+    """The batch without the leading columns no row uses any more (a row's tokens are its last columns)."""
+    cut = rows.mask.shape[1] - int(rows.mask.sum(1).max())
+    if cut == 0:
         return rows
-    # a stable sort of each row's 0/1 mask puts its pads first and its tokens last, each kept in order
-    index = torch.sort(rows.mask, dim=1, stable=True).indices[:, -width:]  # (B, width)
-    kv = []
-    for layer in rows.cache.layers:
-        at = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-        kv.append((layer.keys.gather(2, at), layer.values.gather(2, at)))
-    return _Rows(rows.seqs, DynamicCache(kv), rows.mask.gather(1, index))
+    kv = [(layer.keys[:, :, cut:], layer.values[:, :, cut:]) for layer in rows.cache.layers]
+    return _Rows(rows.seqs, DynamicCache(kv), rows.mask[:, cut:])
 
 
 def _text(tokenizer, seq: Sequence) -> str:
