@@ -221,8 +221,11 @@ class Scheduler:
     def _forward(self, running: _Rows | None, new: list[Sequence]) -> tuple[_Rows, torch.Tensor]:
         """The batch after this step's forwards (decode, prefill or both, joined), and the logits (B, V) of every
         row's last position, each row through its own adapter."""
-        device = self.model.device
-        parts = ([self._run(*_decode_inputs(running, device))] if running else []) + ([self._run(*_prefill_inputs(new, device))] if new else [])
+        device, parts = self.model.device, []
+        if running:
+            parts.append(self._run(*_decode_inputs(running, device)))
+        if new:
+            parts.append(self._run(*_prefill_inputs(new, device)))
         rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0])
         return rows, torch.cat([logits for _, logits in parts])
 
@@ -295,9 +298,7 @@ class Scheduler:
         if not keep:
             self._rows = None
             return
-        index = torch.tensor(keep, device=rows.mask.device)
-        kv = [(layer.keys[index], layer.values[index]) for layer in rows.cache.layers]
-        self._rows = _trim(_Rows([rows.seqs[k] for k in keep], DynamicCache(kv), rows.mask[index]))
+        self._rows = _select(rows, keep)
 
 
 def _mixes_adapters(model) -> bool:
@@ -354,13 +355,14 @@ def _join(a: _Rows, b: _Rows) -> _Rows:
     return _Rows(a.seqs + b.seqs, DynamicCache(joined), torch.cat(masks))
 
 
-def _trim(rows: _Rows) -> _Rows:
-    """The batch without the leading columns no row uses any more (a row's tokens are its last columns)."""
-    cut = rows.mask.shape[1] - int(rows.mask.sum(1).max())
-    if cut == 0:
-        return rows
-    kv = [(layer.keys[:, :, cut:], layer.values[:, :, cut:]) for layer in rows.cache.layers]
-    return _Rows(rows.seqs, DynamicCache(kv), rows.mask[:, cut:])
+def _select(rows: _Rows, keep: list[int]) -> _Rows:
+    """The batch's rows `keep`, without the leading columns none of them uses any more (a row's tokens are its
+    last columns): rows and columns picked in one copy."""
+    index = torch.tensor(keep, device=rows.mask.device)
+    mask = rows.mask[index]
+    cut = mask.shape[1] - int(mask.sum(1).max())
+    kv = [(layer.keys[index, :, cut:], layer.values[index, :, cut:]) for layer in rows.cache.layers]
+    return _Rows([rows.seqs[k] for k in keep], DynamicCache(kv), mask[:, cut:])
 
 
 def _text(tokenizer, seq: Sequence) -> str:
