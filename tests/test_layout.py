@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loramix"
 LAYERS = [
     ["errors"], ["files"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.prepare"],
-    ["model"], ["loss"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
+    ["gguf_bases"], ["model"], ["loss"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
     ["training", "export", "generation", "reporting"], ["batching", "serve_api"], ["serve"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]

@@ -8,6 +8,7 @@ Kinds of directory:
   adapter  a stock PEFT adapter dir (adapter_config.json naming its base in base_model_name_or_path),
            e.g. a run's adapter/ or one saved by `get_peft_model(...).save_pretrained`.
   model    a Hugging Face model dir (config.json): a base model, or the output of `loramix merge`.
+  gguf     a .gguf file (a base model; `generate` and `serve` take it as they take a model dir).
 
     runs/<name>/
       config.yaml        resolved config (what `eval`, `merge`, `report` rebuild from)
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from loramix.config import Config, ModelConfig, load_config
+from loramix.config import DEFAULT_CACHE, Config, ModelConfig, load_config
 from loramix.data.prepare import prepare_data
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult
@@ -37,14 +38,17 @@ from loramix.files import read_json, replacing, write_atomic, write_json
 from loramix.model import base_fingerprint, check_vocabulary, load_adapter, load_base_model, load_tokenizer
 from loramix.tracking import read_metrics
 
-RUN, ADAPTER, MODEL = "run", "adapter", "model"
+RUN, ADAPTER, MODEL, GGUF = "run", "adapter", "model", "gguf"
 _MARKERS = {RUN: "config.yaml", ADAPTER: "adapter_config.json", MODEL: "config.json"}
 _DESCRIBED = {RUN: "a loramix run dir (config.yaml)", ADAPTER: "a PEFT adapter dir (adapter_config.json)",
-              MODEL: "a model dir (config.json)"}
+              MODEL: "a model dir (config.json)", GGUF: "a .gguf file"}
 
 
 def kind_of(path: Path) -> str | None:
-    """'run', 'adapter' or 'model' by the file that marks each kind (checked in that order), else None."""
+    """'run', 'adapter' or 'model' by the file that marks each kind (checked in that order), 'gguf' for a
+    .gguf file, else None."""
+    if Path(path).suffix.lower() == ".gguf" and Path(path).is_file():
+        return GGUF
     return next((kind for kind, marker in _MARKERS.items() if (Path(path) / marker).is_file()), None)
 
 
@@ -95,21 +99,22 @@ def adapter_base(adapter_dir: Path) -> str | None:
 def load_inputs(cfg: Config, log=print):
     """Tokenizer, prepared data and base model of a config: `train` and `eval` see the same data.
     The model comes first, so a model that cannot be used fails before any data is read."""
-    model = load_base_model(cfg.model, cfg.data.seq_len)
-    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, cfg.data.seq_len, cfg.data.cache_dir)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
     check_vocabulary(model, tokenizer)
     return tokenizer, prepare_data(cfg.data, tokenizer, log, cfg.eval.forgetting_sources), model
 
 
-def base_model_config(source: Path) -> tuple[ModelConfig, int]:
-    """How to build the base of a run dir or adapter dir, and the sequence length to check it for."""
+def base_model_config(source: Path) -> tuple[ModelConfig, int, str]:
+    """How to build the base of a run dir or adapter dir: its model config, the sequence length to check
+    it for and the cache a GGUF base is dequantized into."""
     if require(source, (RUN, ADAPTER)) == RUN:
         cfg = load_run_config(source)
-        return cfg.model, cfg.data.seq_len
+        return cfg.model, cfg.data.seq_len, cfg.data.cache_dir
     name = adapter_base(source)
     if name is None:
         raise LoramixError(f"{source}/adapter_config.json names no base model; set base_model_name_or_path in it")
-    return ModelConfig(name=name), 1
+    return ModelConfig(name=name), 1, DEFAULT_CACHE
 
 
 def attach_trained(source: Path, base, adapter_name: str = "default"):
@@ -128,13 +133,14 @@ def attach_trained(source: Path, base, adapter_name: str = "default"):
 
 def load_tuned(source: Path, adapter_name: str = "default"):
     """(PeftModel, tokenizer) for a run dir or a stock PEFT adapter dir, its base rebuilt."""
-    mc, seq_len = base_model_config(source)
-    return attach_trained(source, load_base_model(mc, seq_len), adapter_name), load_tokenizer(mc)
+    mc, seq_len, cache_dir = base_model_config(source)
+    return attach_trained(source, load_base_model(mc, seq_len, cache_dir), adapter_name), load_tokenizer(mc, cache_dir)
 
 
 def load_for_generation(source: Path):
-    """(model in eval mode, tokenizer) from a run dir or adapter dir (the adapter merged in memory) or a model dir."""
-    if require(source, (RUN, ADAPTER, MODEL)) == MODEL:
+    """(model in eval mode, tokenizer) from a run dir or adapter dir (the adapter merged in memory), a model
+    dir or a .gguf file."""
+    if require(source, (RUN, ADAPTER, MODEL, GGUF)) in (MODEL, GGUF):
         mc = ModelConfig(name=str(source))
         return load_base_model(mc, seq_len=1).eval(), load_tokenizer(mc)
     model, tokenizer = load_tuned(source)
@@ -151,10 +157,10 @@ def load_adapters(sources: list[Path]):
     names = [Path(s).name for s in sources]
     if len(set(names)) != len(names) or "base" in names:
         raise LoramixError(f"adapters are named by their dirs ({', '.join(names)}): the names must differ and not be 'base'; rename a dir")
-    mc, seq_len = base_model_config(sources[0])
-    base = load_base_model(mc, seq_len)
+    mc, seq_len, cache_dir = base_model_config(sources[0])
+    base = load_base_model(mc, seq_len, cache_dir)
     fingerprint = base_fingerprint(base)  # of the bare base, as runs record it
-    model, tokenizer = attach_trained(sources[0], base, names[0]), load_tokenizer(mc)
+    model, tokenizer = attach_trained(sources[0], base, names[0]), load_tokenizer(mc, cache_dir)
     for source, name in zip(sources[1:], names[1:]):
         # A run records its base's fingerprint: compare that, and build the base only for adapter dirs.
         theirs = read_status(source).get("base_fingerprint") if kind_of(source) == RUN else None
@@ -230,7 +236,8 @@ def save_adapter(model, run_dir: Path, card: str, initial: Path | None = None) -
     template), renamed into place whole. With the `initial` adapter of a PiSSA or OLoRA run, PEFT
     converts the trained adapter into plain LoRA on the original base weights."""
     with replacing(Path(run_dir) / "adapter") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=initial and str(initial))
+        model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=initial and str(initial),
+                              save_embedding_layers=False)  # LoRA never targets embeddings; "auto" reads the base's config
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(run_dir) / "adapter"
 

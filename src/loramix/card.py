@@ -39,7 +39,8 @@ def model_card(cfg: Config, manifest: dict, result: EvalResult | None, targets: 
     parts = [_front_matter(meta), f"# {cfg.name}", intro, "## Training", _training(cfg, result, targets, trainable), "## Data", _data_table(cfg, manifest)]
     if result is not None:
         parts += ["## Validation metrics", _metrics_text(cfg, result, merged), markdown_table(METRIC_COLUMNS, metric_rows(result))]
-    parts += ["## Use", _usage(base, merged)]
+    loader = _base_loader(cfg.model.name, cfg.model.gguf_file) if cfg.model.init == "pretrained" else None
+    parts += ["## Use", _usage(loader, merged)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -48,7 +49,7 @@ def merged_adapter_card(base: str | None, adapter: Path) -> str:
     meta = {"base_model": _hub_id(base), "library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["lora", "merged"]}
     return "\n\n".join([_front_matter(meta), f"# {adapter.name} (merged)",
                         f"The PEFT adapter {adapter} folded into the weights of {f'`{base}`' if base else 'its base model'}.",
-                        "## Use", _usage(_hub_id(base), merged=True)]) + "\n"
+                        "## Use", _usage(None, merged=True)]) + "\n"
 
 
 def _front_matter(meta: dict) -> str:
@@ -102,12 +103,21 @@ def _metrics_text(cfg: Config, result: EvalResult, merged: bool) -> str:
             f"target token, perplexity, bits per token and bits per UTF-8 byte (eval.json holds the exact values).{where}")
 
 
-def _usage(base: str | None, merged: bool) -> str:
+def _base_loader(name: str, gguf_file: str | None) -> str | None:
+    """The stock transformers call that loads the base, or None where it is not published (a local model dir).
+    A GGUF base loads with transformers' own GGUF reader, dequantized to fp32: the weights loramix trained on."""
+    if gguf_file or name.lower().endswith(".gguf"):
+        folder, file = (name, gguf_file) if gguf_file else (str(Path(name).expanduser().resolve().parent), Path(name).name)
+        return f'AutoModelForCausalLM.from_pretrained("{folder}", gguf_file="{file}")  # needs `pip install gguf`'
+    hub = _hub_id(name)
+    return hub and f'AutoModelForCausalLM.from_pretrained("{hub}")'
+
+
+def _usage(loader: str | None, merged: bool) -> str:
     if merged:
         code = 'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID")'
-    elif base:
-        code = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH_OR_REPO_ID")')
+    elif loader:
+        code = f'from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nbase = {loader}\nmodel = PeftModel.from_pretrained(base, "PATH_OR_REPO_ID")'
     else:
         return "The base model is not published: use the adapter from its run dir with loramix (`loramix generate RUN_DIR --prompt ...`)."
     return f"```python\n{code}\n```"

@@ -37,10 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights dtype of the merged model")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
-    _generate_args(sub.add_parser("generate", help="sample text from a run, a PEFT adapter or a model dir"))
+    _generate_args(sub.add_parser("generate", help="sample text from a run, a PEFT adapter, a model dir or a .gguf file"))
 
     v = sub.add_parser("serve", help="OpenAI-compatible completions over one base and several adapters, batched together")
-    v.add_argument("sources", type=Path, nargs="+", help="run dirs or PEFT adapter dirs of one base (named by their dir), or one model dir")
+    v.add_argument("sources", type=Path, nargs="+", help="run dirs or PEFT adapter dirs of one base (named by their dir), or one model dir or .gguf file")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("source", type=Path, help="a run dir, a stock PEFT adapter dir, or a (merged) model dir")
+    g.add_argument("source", type=Path, help="a run dir, a stock PEFT adapter dir, a (merged) model dir or a .gguf file")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt; its completion streams as it is generated")
     src.add_argument("--prompts-file", type=Path, help="one prompt per line, generated as a batch ('-': stdin)")

@@ -39,6 +39,8 @@ BUILTIN_SOURCES: dict[str, dict] = {
 # The seed's short Hub names, which the Hub only redirects: accepted, and stored as the canonical id.
 HUB_ALIASES = {short: spec["hub_id"] for short, spec in BUILTIN_SOURCES.items() if spec["hub_id"].endswith("/" + short)}
 
+DEFAULT_CACHE = "~/.cache/loramix"  # data.cache_dir's default, also where commands without a config cache GGUF bases
+
 # Numbers in YAML may land in string fields (`subset: 3.0`); unknown keys are typos, so they fail.
 _section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
 
@@ -87,7 +89,8 @@ def F(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclas
 
 @_section
 class ModelConfig:
-    name: str = F("gpt2", "base model: a Hugging Face Hub id or a local model directory (GPT-2, Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-NeoX, OPT)")
+    name: str = F("gpt2", "base model: a Hugging Face Hub id, a local model directory (GPT-2, Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-NeoX, OPT) or a local .gguf file")
+    gguf_file: str | None = F(None, "a .gguf file in the Hub repo (or local dir) model.name, e.g. SmolLM2-135M-Instruct.Q4_1.gguf; dequantized once into data.cache_dir")
     init: Choice[Literal["pretrained", "random"]] = F("pretrained", "'pretrained' loads weights; 'random' builds the same architecture with seeded random weights")
     n_layer: Positive[Int] | None = F(None, "GPT-2: override the number of layers (random init only)")
     n_embd: Positive[Int] | None = F(None, "GPT-2: override the hidden width (random init only)")
@@ -152,7 +155,7 @@ class DataConfig:
     packing: bool = F(True, "pack several documents per row (each attends only to itself, positions restart); false pads one per row")
     pack_window: Positive[Int] = F(2048, "documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)")
     seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
-    cache_dir: str = F("~/.cache/loramix", "where tokenized data and generated demo data are cached")
+    cache_dir: str = F(DEFAULT_CACHE, "where tokenized data, generated demo data and dequantized GGUF bases are cached")
 
     def cap_for(self, spec: SourceConfig) -> int | None:
         """The cap a source is sampled to: its own, else the mixture-wide data.cap."""

