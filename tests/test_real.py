@@ -23,7 +23,7 @@ from loramix.generation import Sampling, generate
 from loramix.loss import token_nll
 from loramix.model import attach_lora, load_base_model, load_tokenizer
 
-from conftest import REAL_DATA, metric_rows
+from conftest import REAL_DATA, ROOT, metric_rows
 
 pytestmark = pytest.mark.real
 
@@ -62,7 +62,7 @@ def real_overrides(gguf: Path, cache_dir: str, *extra: str) -> list[str]:
 def _train(args: list[str], run_dir: Path, crash: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "LORAMIX_CRASH_AT": crash}
     return subprocess.run([sys.executable, "-m", "loramix", "train", "-c", "configs/smollm2.yaml", *args, "--run-dir", str(run_dir),
-                           "--resume", "--quiet"], env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False)
+                           "--resume", "--quiet"], env=env, capture_output=True, text=True, cwd=ROOT, check=False)
 
 
 @pytest.fixture(scope="session")
@@ -184,3 +184,20 @@ def test_serves_the_real_adapter(real_run):
     (expected,), _ = generate(tuned, tok, ["Once upon a time"], Sampling(max_new_tokens=6))
     texts = [e.text for e in sorted(events, key=lambda e: e.index)]
     assert texts[0] == expected and all(e.error is None for e in events)
+
+
+def test_report_of_the_real_run(real_run, tmp_path):
+    md, _ = loramix.report(real_run, tmp_path)
+    text = md.read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text
+    overall = json.loads((real_run / "eval.json").read_text())["overall"]
+    assert f"{overall['loss']:.4f}" in text
+
+
+def test_the_smollm2_preset_plans_the_seed_recipe(smollm2, cache_dir, capsys):
+    from loramix.cli import main
+
+    assert main(["train", "-c", str(ROOT / "configs" / "smollm2.yaml"), f"model.name={smollm2}", f"data.local_dir={REAL_DATA}", "data.cap=8",
+                 f"data.cache_dir={cache_dir}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters 2,442,240 of 136,957,248 (1.78%)" in out and "sequence length 512" in out
