@@ -300,6 +300,19 @@ def table(spec: dict, res: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_or_work(ap: argparse.ArgumentParser, workers: dict):
+    """The parsed arguments; or, in a worker process (`run_worker`'s hidden flags), run that worker, write its
+    JSON and return None."""
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not args.worker:
+        return args
+    Path(args.worker_out).write_text(json.dumps(workers[args.worker](json.loads(args.spec))))
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "real"), help="folder of <source>.jsonl files")
@@ -313,12 +326,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.json"))
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="markdown file whose section to replace ('' for none)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        Path(args.worker_out).write_text(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
+    args = parse_or_work(ap, WORKERS)
+    if args is None:
         return
 
     with tempfile.TemporaryDirectory() as work:

@@ -236,3 +236,32 @@ def test_default_run_dir_never_reuses_a_run(tmp_path):
     assert default_run_dir("demo", tmp_path) == tmp_path / "demo"  # empty: free to use
     (tmp_path / "demo" / "eval.json").write_text("{}")
     assert default_run_dir("demo", tmp_path) == tmp_path / "demo-2"
+
+
+@pytest.mark.unit
+def test_lora_dropout_drops_p_and_keeps_the_expectation():
+    from loramix.model import LoraDropout
+
+    drop = LoraDropout(0.1)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002 and abs(y.mean().item() - 1.0) < 0.003
+    assert torch.unique(y).tolist() == [0.0, torch.tensor(65536 / (65536 - 6554)).item()]
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d/dx of mask * scale * x
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the mask comes from torch's generator: a checkpoint's RNG state replays it
+    assert drop.eval()(x) is x
+
+
+@pytest.mark.unit
+def test_attach_lora_draws_dropout_with_lora_dropout():
+    from loramix.model import LoraDropout
+
+    model = tiny_lora_model(64, 0, "lora.dropout=0.1")
+    drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(isinstance(d, LoraDropout) and d.p == 0.1 for d in drops)
+    none = tiny_lora_model(64, 0, "lora.dropout=0")
+    assert not any(isinstance(m, LoraDropout | torch.nn.Dropout) for n, m in none.named_modules() if "lora_dropout" in n)

@@ -270,13 +270,45 @@ def peft_lora_config(model, lc: LoraConfig):
 
 
 def attach_lora(model, lc: LoraConfig, seed: int):
-    """Wrap the base model with fresh LoRA weights (seeded init)."""
+    """Wrap the base model with fresh LoRA weights (seeded init), their input dropout drawn by `LoraDropout`."""
     from peft import get_peft_model
 
     config = peft_lora_config(model, lc)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        for name, drop in (drops.items() if isinstance(drops, torch.nn.ModuleDict) else ()):
+            if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                drops[name] = LoraDropout(drop.p)
+    return model
+
+
+class LoraDropout(torch.nn.Module):
+    """Dropout on a LoRA layer's input, with its mask drawn from 16-bit slices of 64-bit random integers.
+
+    torch's CPU dropout draws one Bernoulli sample per element: at SmolLM2-135M's shape (7 adapted
+    projections per layer, each input (tokens, 576) or (tokens, 1,536)) that took ~15% of a training step
+    on 2 cores, 7.9 ms per 2,048 x 576 input against 2.9 here (one 64-bit draw serves four elements). An
+    element is dropped when its 16 bits fall below round(p * 65,536), so the rate is p to within 1/131,072
+    (0.1 -> 0.1000061), and kept elements are scaled by 1 / (1 - that rate): the expectation is the
+    input's, as with torch's. Off CPU, torch's own fused dropout is used."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        levels = round(p * 65536)
+        self.threshold, self.scale = levels - 32768, 65536 / (65536 - levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, training=True)
+        bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)
+        keep = bits[: x.numel()].view(x.shape) >= self.threshold
+        return torch.where(keep, x * self.scale, 0.0)
 
 
 def load_adapter(model, adapter_dir: Path, trainable: bool = False, adapter_name: str = "default"):
