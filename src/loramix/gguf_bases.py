@@ -18,9 +18,9 @@ from pathlib import Path
 
 from loramix.config import ModelConfig
 from loramix.errors import LoramixError
-from loramix.files import read_json, replacing, write_json
+from loramix.files import replacing, write_json
 
-_SOURCE = "loramix-gguf.json"  # in the cached dir: which file it came from, written last (so a dir without it is torn)
+_SOURCE = "loramix-gguf.json"  # in the cached dir: the file it came from (the dir appears whole, by one rename)
 
 
 def is_gguf(mc: ModelConfig) -> bool:
@@ -75,12 +75,6 @@ def dequantized_dir(mc: ModelConfig, cache_dir: str) -> tuple[Path, str, Path]:
     return out, digest, path
 
 
-def source_of(model_dir: Path) -> dict | None:
-    """{"file", "sha256"} of a cached dir made from a GGUF file, else None."""
-    marker = Path(model_dir) / _SOURCE
-    return read_json(marker) if marker.is_file() else None
-
-
 def _dequantize(path: Path, out: Path, digest: str) -> None:
     """Read the GGUF file through transformers and write a plain model dir (safetensors, fp32) to `out`, whole or not at all."""
     import torch
@@ -96,7 +90,6 @@ def _dequantize(path: Path, out: Path, digest: str) -> None:
                            "use a GGUF of an architecture transformers reads, or a Hugging Face model dir") from e
     config = quantized.config
     del config.quantization_config  # without it, save_pretrained writes plain weights
-    config.name_or_path = str(path)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
     with replacing(out) as tmp:

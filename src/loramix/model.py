@@ -27,11 +27,8 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
-def _resolve(mc: ModelConfig, cache_dir: str = DEFAULT_CACHE) -> str:
-    """The name to hand to transformers: a Hub id as is, a local dir expanded and checked, a GGUF file's
-    dequantized dir (made on first use)."""
-    if is_gguf(mc):
-        return str(dequantized_dir(mc, cache_dir)[0])
+def _resolve(mc: ModelConfig) -> str:
+    """The name to hand to transformers: a Hub id as is, a local dir expanded and checked."""
     if not _is_local(mc.name):
         return mc.name
     path = Path(mc.name).expanduser()
@@ -49,7 +46,7 @@ def load_tokenizer(mc: ModelConfig, cache_dir: str = DEFAULT_CACHE):
     bundled vocabulary, then the Hub."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
-    name = _resolve(mc, cache_dir)
+    name = str(dequantized_dir(mc, cache_dir)[0]) if is_gguf(mc) else _resolve(mc)
     try:
         # transformers 5 returns an empty tokenizer for a model dir without tokenizer files: treat as missing.
         if _is_local(name) and not any((Path(name) / f).is_file() for f in _TOKENIZER_FILES):
