@@ -257,11 +257,37 @@ def test_lora_dropout_drops_p_and_keeps_the_expectation():
 
 
 @pytest.mark.unit
-def test_attach_lora_draws_dropout_with_lora_dropout():
-    from loramix.model import LoraDropout
+def test_attach_lora_fuses_dropout_into_lora_a_except_for_dora():
+    from loramix.model import DroppedLinear, LoraDropout
 
     model = tiny_lora_model(64, 0, "lora.dropout=0.1")
-    drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
-    assert drops and all(isinstance(d, LoraDropout) and d.p == 0.1 for d in drops)
+    fused = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    assert fused and all(isinstance(m, DroppedLinear) and m.dropout.p == 0.1 for m in fused)
+    assert all(isinstance(m, torch.nn.Identity) for n, m in model.named_modules() if n.endswith("lora_dropout.default"))
+    assert all(k in model.state_dict() for k in ("base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight",))
+    dora = tiny_lora_model(64, 0, "lora.dropout=0.1", "lora.use_dora=true")
+    assert all(isinstance(m, LoraDropout) for n, m in dora.named_modules() if n.endswith("lora_dropout.default"))
     none = tiny_lora_model(64, 0, "lora.dropout=0")
-    assert not any(isinstance(m, LoraDropout | torch.nn.Dropout) for n, m in none.named_modules() if "lora_dropout" in n)
+    assert not any(isinstance(m, DroppedLinear | LoraDropout | torch.nn.Dropout) for n, m in none.named_modules() if "lora_" in n)
+
+
+@pytest.mark.unit
+def test_dropped_linear_equals_dropout_then_linear():
+    """Output and both gradients equal those of the unfused dropout(x) @ A.T under the same mask."""
+    from loramix.model import DroppedLinear, LoraDropout
+
+    a = torch.nn.Linear(48, 8, bias=False)
+    fused = DroppedLinear(a, LoraDropout(0.1)).train()
+    x = torch.randn(3, 20, 48, requires_grad=True)
+    g = torch.randn(3, 20, 8)
+    torch.manual_seed(1)
+    (fused(x) * g).sum().backward()
+    ours = (x.grad.clone(), a.weight.grad.clone())
+    x.grad, a.weight.grad = None, None
+    torch.manual_seed(1)
+    keep = fused.dropout.keep(x)
+    ref = torch.where(keep, x * fused.dropout.scale, 0.0) @ a.weight.T
+    (ref * g).sum().backward()
+    torch.testing.assert_close(ours[0], x.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], a.weight.grad, rtol=0, atol=1e-5)
+    assert fused.weight is a.weight and torch.equal(fused.eval()(x), x @ a.weight.T)

@@ -267,7 +267,9 @@ def peft_lora_config(model, lc: LoraConfig):
 
 
 def attach_lora(model, lc: LoraConfig, seed: int):
-    """Wrap the base model with fresh LoRA weights (seeded init), their input dropout drawn by `LoraDropout`."""
+    """Wrap the base model with fresh LoRA weights (seeded init). Their input dropout is drawn by
+    `LoraDropout`; on plain LoRA (not DoRA, whose dropout also reaches the base path) it is fused into
+    LoRA's A (`DroppedLinear`), which keeps the input and the mask for backward instead of a dropped copy."""
     from peft import get_peft_model
 
     config = peft_lora_config(model, lc)
@@ -277,8 +279,13 @@ def attach_lora(model, lc: LoraConfig, seed: int):
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         for name, drop in (drops.items() if isinstance(drops, torch.nn.ModuleDict) else ()):
-            if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+            if not (isinstance(drop, torch.nn.Dropout) and drop.p > 0):
+                continue
+            if lc.use_dora:
                 drops[name] = LoraDropout(drop.p)
+            else:
+                module.lora_A[name] = DroppedLinear(module.lora_A[name], LoraDropout(drop.p))
+                drops[name] = torch.nn.Identity()
     return model
 
 
@@ -298,14 +305,55 @@ class LoraDropout(torch.nn.Module):
         levels = round(p * 65536)
         self.threshold, self.scale = levels - 32768, 65536 / (65536 - levels)
 
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask of kept elements, True with probability 1 - p (CPU)."""
+        bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)
+        return bits[: x.numel()].view(x.shape) >= self.threshold
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
         if x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, training=True)
-        bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)
-        keep = bits[: x.numel()].view(x.shape) >= self.threshold
-        return torch.where(keep, x * self.scale, 0.0)
+        return torch.where(self.keep(x), x * self.scale, 0.0)
+
+
+class _DroppedMatmul(torch.autograd.Function):
+    """dropout(x) @ weight.T that saves x and the mask, not the dropped copy: x is often kept anyway (q, k
+    and v share one input) and a bool mask is a quarter of a float copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        return torch.where(keep, x * scale, 0.0) @ weight.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, keep = ctx.saved_tensors
+        grad_x = torch.where(keep, (grad @ weight) * ctx.scale, 0.0) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            dropped = torch.where(keep, x * ctx.scale, 0.0)
+            grad_w = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
+        return grad_x, grad_w, None, None
+
+
+class DroppedLinear(torch.nn.Linear):
+    """LoRA's A with its input dropout inside (the same weight Parameter, so PEFT's state dict, saving and
+    merging see an nn.Linear). With dropout 0.1 on SmolLM2-135M, 4 x 512 tokens: peak memory of a training
+    micro-batch 7.19 -> 6.21 GB (without dropout: 5.87). The fused path runs in fp32 on CPU; under autocast or
+    off CPU the same dropout goes through plain ops."""
+
+    def __init__(self, lora_a: torch.nn.Linear, dropout: LoraDropout):
+        super().__init__(lora_a.in_features, lora_a.out_features, bias=False, device="meta")
+        self.weight, self.dropout = lora_a.weight, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = x.device.type == "cpu" and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu")
+        if not (self.training and fused):
+            return torch.nn.functional.linear(self.dropout(x), self.weight)
+        return _DroppedMatmul.apply(x, self.weight, self.dropout.keep(x), self.dropout.scale)
 
 
 def load_adapter(model, adapter_dir: Path, trainable: bool = False, adapter_name: str = "default"):
