@@ -208,7 +208,7 @@ def test_seed_dry_run_plan(capsys, cache_dir):
     assert rc == 0
     assert "trainable parameters 811,008 of 125,250,816 (0.65%)" in out
     assert "squad              train    102  val    18" in out
-    assert "batch: 32 documents per optimizer step on average (train.batch_unit=docs) = micro_batch 4 x grad_accum 8 x 1 process; at most 4 rows per forward pass" in out
+    assert "batch: 32 documents per optimizer step (train.batch_unit=docs) = micro_batch 4 x grad_accum 8 x 1 process; at most 4 rows per forward pass" in out
     assert "optimizer steps per epoch x 3 epochs" in out
 
 

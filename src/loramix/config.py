@@ -153,7 +153,7 @@ class DataConfig:
     loss_on: Choice[Literal["all", "completion"]] = F("all", "'all': loss on the whole text (the seed's); 'completion': only on what follows a source's prompt (squad's answer, the summaries), in training and in the metrics")
     chat_template: bool = F(False, "format sources that have a prompt through the tokenizer's chat template (user: prompt, assistant: the rest)")
     packing: bool = F(True, "pack several documents per row (each attends only to itself, positions restart); false pads one per row")
-    pack_window: Positive[Int] = F(2048, "documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)")
+    pack_window: Positive[Int] = F(2048, "with train.batch_unit=rows: documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)")
     seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
     cache_dir: str = F(DEFAULT_CACHE, "where tokenized data, generated demo data and dequantized GGUF bases are cached")
 
@@ -168,7 +168,7 @@ class TrainConfig:
     max_steps: Positive[Int] | None = F(None, "stop after this many optimizer steps")
     micro_batch: Positive[Int] = F(4, "rows (of seq_len tokens) per forward pass")
     grad_accum: Positive[Int] = F(8, "micro-batches per optimizer step; the step's size is micro_batch x grad_accum in train.batch_unit")
-    batch_unit: Choice[Literal["docs", "rows"]] = F("docs", "'docs': micro_batch x grad_accum documents per step on average, in packed rows (the seed's step count and schedule); 'rows': that many packed rows (a fixed token budget per step)")
+    batch_unit: Choice[Literal["docs", "rows"]] = F("docs", "'docs': micro_batch x grad_accum documents per step, packed among themselves (the seed's steps, schedule and documents per step); 'rows': that many packed rows (a fixed token budget per step)")
     lr: Positive[Float] = F(3e-4, "peak AdamW learning rate")
     weight_decay: NonNegative[Float] = F(0.01, "AdamW weight decay")
     warmup_steps: NonNegative[Int] = F(100, "linear warmup steps before linear decay to 0")

@@ -66,7 +66,7 @@ class Plan:
             "plan:",
             f"  train {self.train_docs:,} documents; validation {self.val_docs:,} documents in {self.val_rows:,} rows; "
             f"sequence length {d.seq_len}, packing {'on' if d.packing else 'off'}",
-            f"  batch: {per_step} {unit} per optimizer step{' on average' if unit == 'documents' and d.packing else ''} (train.batch_unit={t.batch_unit})"
+            f"  batch: {per_step} {unit} per optimizer step (train.batch_unit={t.batch_unit})"
             f" = micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {self.world} process{'es' if self.world > 1 else ''}; "
             f"at most {t.micro_batch} rows per forward pass",
             f"    on average {self.docs_per_step:,.1f} documents, {self.rows_per_step:,.1f} rows, {self.tokens_per_step:,.0f} tokens "
