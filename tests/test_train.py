@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -137,7 +138,11 @@ def test_run_dir_files_and_metric_rows(tiny_run):
     assert final["samples_per_s"] > 0 and final["tokens_per_s"] > 0 and final["rows"] < final["samples"]
     manifest = json.loads((d / "manifest.json").read_text())["sources"]
     assert sum(s["val"] for s in manifest.values()) == final["samples"]
-    assert json.loads((d / "run.json").read_text())["status"] == "finished"
+    status = json.loads((d / "run.json").read_text())
+    assert status["status"] == "finished"
+    probe = status["probe"]  # the exactness probe's verdict on the run's own model
+    assert probe["loss_exact"] and probe["packing_exact"] and probe["loss_diff"] < 1e-5 and probe["packed_diff"] < 1e-5
+    assert (probe["model_type"], probe["attention"], probe["documents"]) == ("gpt2", "sdpa", 3)
 
 
 @pytest.mark.e2e
@@ -166,6 +171,8 @@ def test_eval_command_reproduces_eval_json(tiny_run, tmp_path, capsys):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
         assert a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
     assert "overall" in capsys.readouterr().out
+    assert main(["eval", str(tiny_run.run_dir), "--out", str(out)]) == 0
+    assert "exactness probe: loss == the model's own" in capsys.readouterr().out
 
 
 @pytest.mark.e2e
@@ -220,7 +227,8 @@ def test_seed_dry_run_plan(capsys, cache_dir):
                f"data.cache_dir={cache_dir}", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "trainable parameters 811,008 of 125,250,816 (0.65%)" in out
+    assert "trainable parameters 811,008 of 125,250,816 (0.65%); LoRA on c_attn, c_proj" in out
+    assert re.search(r"exactness probe: loss == the model's own \d\.\de[-+]\d\d, packed row == documents alone \d\.\de[-+]\d\d \(", out)
     assert "squad              train    102  val    18" in out
     assert "batch: 32 documents per optimizer step (train.batch_unit=docs) = micro_batch 4 x grad_accum 8 x 1 process; at most 4 rows per forward pass" in out
     assert "optimizer steps per epoch x 3 epochs" in out

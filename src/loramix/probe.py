@@ -88,12 +88,12 @@ def probe(model) -> Verdict:
         try:
             alone = torch.cat([_nll(model, [seg], weight.device) for seg in docs])
             own = torch.cat([_own_nll(model, seg, weight.device) for seg in docs])
-        except Exception as e:  # noqa: BLE001 -- whatever a model raises, the user gets one line
+        except Exception as e:  # whatever a model raises, the user gets one line
             raise LoramixError(f"this {lm.config.model_type} model fails in loramix's forward ({type(e).__name__}: {e}); "
                                "use another model, or report the model's config.json") from e
         try:
             packed_diff, packed_error = float((_nll(model, docs, weight.device) - alone).abs().max()), None
-        except Exception as e:  # noqa: BLE001 -- a model that cannot take packed rows trains one document per row
+        except Exception as e:  # a model that cannot take packed rows trains one document per row
             packed_diff, packed_error = float("inf"), f"{type(e).__name__}: {e}"
     return Verdict(
         model_type=lm.config.model_type,
