@@ -126,8 +126,8 @@ def time_eval(run_dir: Path, reps: int) -> dict:
 
     cfg = artifacts.load_run_config(run_dir, ["eval.base_compare=false"])
     device = resolve_device(cfg.train.device)
-    tokenizer, data, base = artifacts.load_inputs(cfg, log=lambda *a: None)
-    model = artifacts.attach_trained(run_dir, base).merge_and_unload().to(device)
+    inputs = artifacts.load_inputs(cfg, lambda base: artifacts.attach_trained(run_dir, base), device, log=lambda *a: None)
+    tokenizer, data, model = inputs.tokenizer, inputs.data, inputs.model.merge_and_unload()
     compile_body(model, cfg.train.compile, device)
     score = Scorer(model, device, tokenizer.eos_token_id, cfg.eval.batch_size,
                    autocast_for(device, resolve_precision(cfg.train.precision, device)))
@@ -192,7 +192,8 @@ def table(results: dict, peak_tflops: float) -> str:
         ]
     if ev:
         lines.append(f"| eval samples/s at 512 tokens ({ev['samples']:,} documents in {ev['rows']:,} rows, batch {ev['batch_size']}; "
-                     f"first pass {ev['first_samples_per_s']:,.0f}) | {ev['samples_per_s']:,.0f} | {te.get('eval_samples_per_s', float('nan')):,.1f} | over 3,000 |")
+                     f"first pass {ev['first_samples_per_s']:,.0f}) | {ev['samples_per_s']:,.0f} | {te.get('eval_samples_per_s', float('nan')):,.1f} | over "
+                     "3,000 |")
     if "docs_per_s" in lx and "docs_per_s" in tr:
         lines += ["", f"documents/s ratio, loramix / Trainer: {lx['docs_per_s'] / tr['docs_per_s']:.1f}x (goal: at least 3x)"
                   + (f"; eval {ev['samples_per_s'] / te['eval_samples_per_s']:.1f}x" if ev and "eval_samples_per_s" in te else "")]

@@ -115,8 +115,8 @@ def worker_prepare(spec: dict) -> dict:
     from loramix.model import attach_lora, count_parameters
     from loramix.training import batching
 
-    cfg = load_config(PRESET, overrides(spec, spec["seeds"][0]))
-    tokenizer, data, base = load_inputs(cfg, log=_quiet)
+    inputs = load_inputs(load_config(PRESET, overrides(spec, spec["seeds"][0])), lambda base: base, log=_quiet)
+    cfg, tokenizer, data, base = inputs.cfg, inputs.tokenizer, inputs.data, inputs.model
     val = [seg for row in data.val_rows for seg in row]
     docs = {"sources": data.mixture.sources, "pad_id": tokenizer.eos_token_id,
             "train": [{"ids": s.tokens.tolist(), "source": s.source} for s in data.train],
@@ -136,7 +136,8 @@ def worker_prepare(spec: dict) -> dict:
         "sources": data.mixture.sources, "train_docs": len(data.train), "val_docs": len(val), "steps": steps,
         "train_tokens": int(lengths.sum()), "val_tokens": sum(len(d["ids"]) for d in docs["val"]),
         "matmul_params": sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear)),  # the tied head once, as a matmul
-        "lora_params": lora, "layers": c.num_hidden_layers, "attention_width": c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads),
+        "lora_params": lora, "layers": c.num_hidden_layers, "attention_width": c.num_attention_heads * getattr(c, "head_dim",
+                                                                                                               c.hidden_size // c.num_attention_heads),
         "mean_context": float((lengths * (lengths + 1) / 2).sum() / lengths.sum()),  # keys a token attends to, causal, averaged over tokens
     }
 
@@ -380,7 +381,8 @@ def summarize(res: dict) -> dict:
         out[m] = {"docs_per_s": statistics.mean(docs_s), "docs_per_s_range": [min(docs_s), max(docs_s)],
                   "tokens_per_s": statistics.mean(prep["train_tokens"] / r["train_s"] for r in runs),
                   "peak_mb": statistics.mean(r["peak_mb"] for r in runs), "train_s": statistics.mean(r["train_s"] for r in runs),
-                  "steps": sorted({r["steps"] for r in runs}), "docs_per_step": statistics.mean(r["docs"] / r["steps"] for r in runs), "batch": runs[0]["batch"],
+                  "steps": sorted({r["steps"] for r in runs}), "docs_per_step": statistics.mean(r["docs"] / r["steps"] for r in runs),
+                  "batch": runs[0]["batch"],
                   "scores": {src: {k: statistics.mean(s[src][k] for s in scores) for k in ("loss", "ppl", "bpb")} for src in scores[0]},
                   "loss_range": {src: [min(s[src]["loss"] for s in scores), max(s[src]["loss"] for s in scores)] for src in scores[0]},
                   "below_base": all(s[src]["loss"] < res["scores"]["base"][src]["loss"] for s in scores for src in prep["sources"])}
@@ -404,7 +406,8 @@ def targets(s: dict) -> list[tuple[str, bool | None]]:
     lx, tr, tl = s.get("loramix"), s.get("trainer"), s.get("trl")
     both = lx is not None and tr is not None
     out = [
-        ("loramix tuned loss <= the Trainer's worst seed (within its spread or lower)", lx["scores"]["overall"]["loss"] <= tr["loss_range"]["overall"][1] if both else None),
+        ("loramix tuned loss <= the Trainer's worst seed (within its spread or lower)",
+         lx["scores"]["overall"]["loss"] <= tr["loss_range"]["overall"][1] if both else None),
         ("loramix >= 2.2x the Trainer's training docs/s", lx["docs_per_s"] / tr["docs_per_s"] >= 2.2 if both else None),
         ("loramix <= 0.7x the Trainer's peak memory", lx["peak_mb"] / tr["peak_mb"] <= 0.7 if both else None),
         ("loramix >= 1.2x TRL's packed docs/s", lx["docs_per_s"] / tl["docs_per_s"] >= 1.2 if lx and tl else None),
@@ -415,13 +418,16 @@ def targets(s: dict) -> list[tuple[str, bool | None]]:
 def tables(spec: dict, res: dict, s: dict) -> str:
     prep = res["prepared"]
     sliced = (f"Slice: {prep['train_docs']} training documents ({spec['docs_per_source']} per source of {', '.join(prep['sources'])} before the 15% hold-out),"
-              f" {prep['train_tokens']:,} tokens; {prep['val_docs']} validation documents, {prep['val_tokens']:,} tokens; at most {spec['seq_len']} tokens each;"
+              f" {prep['train_tokens']:,} tokens; {prep['val_docs']} validation documents, {prep['val_tokens']:,} tokens; at most {spec['seq_len']} tokens "
+              "each;"
               f" 1 epoch, lr {spec['lr']:g}, warm-up {spec['warmup']} then linear decay, micro_batch {spec['micro_batch']} x grad_accum {spec['grad_accum']};"
               f" seeds {', '.join(map(str, spec['seeds']))}." + (f" Skipped: {', '.join(res['skipped'])} (no TRL venv)." if res["skipped"] else ""))
     scorer = ("One scorer for all: every validation document alone, base and base + each adapter (stock PEFT). Bits per byte = NLL in bits / UTF-8"
               " bytes of the text the scored tokens cover (loramix's per-token byte counts; EOS covers none).")
     lines = [sliced, "", scorer, ""]
-    lines += quality_tables(prep["sources"], res["scores"]["base"], s) + speed_table(s) + ["", "Learning rate: every tool gets loramix's schedule (warm-up from peak/warmup, then linear decay to 0 over its own step count)."]
+    lines += quality_tables(prep["sources"], res["scores"]["base"], s) + speed_table(s) + ["", "Learning rate: every tool gets loramix's schedule (warm-up "
+                                                                                               "from peak/warmup, then linear decay to 0 over its own step "
+                                                                                               "count)."]
     if "loramix" in s:
         lines += ["", mfu_note(prep, res["matmul"], s["loramix"]),
                   f"Common scorer vs loramix's own validation loss (packed rows) on its adapters: largest gap {s['loramix']['own_eval_gap']:.1e} nats."]
@@ -432,7 +438,8 @@ def quality_tables(sources: list[str], base: dict, s: dict) -> list[str]:
     """Loss (with the seeds' range), PPL and BPB: one row per source and overall, one column per method."""
     head = ["| source | base | " + " | ".join(TITLES[m] for m in s) + " |", "|---|---:|" + "---:|" * len(s)]
     lines = []
-    for key, title, fmt in [("loss", "Validation loss (nats per token); tuned: mean over seeds (min-max)", ".4f"), ("ppl", "Perplexity (mean over seeds)", ".2f"),
+    for key, title, fmt in [("loss", "Validation loss (nats per token); tuned: mean over seeds (min-max)", ".4f"), ("ppl", "Perplexity (mean over seeds)",
+                                                                                                                    ".2f"),
                             ("bpb", "Bits per byte (mean over seeds)", ".4f")]:
         lines += [f"**{title}**", "", *head]
         for src in [*sources, "overall"]:
@@ -444,10 +451,12 @@ def quality_tables(sources: list[str], base: dict, s: dict) -> list[str]:
 
 def speed_table(s: dict) -> list[str]:
     lines = ["**Training** (wall time of the optimizer steps alone; mean over seeds)", "",
-             "| method | optimizer steps | docs/step | per step | train s | docs/s (min-max) | real tokens/s | peak memory MB |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| method | optimizer steps | docs/step | per step | train s | docs/s (min-max) | real tokens/s | peak memory MB |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     for m, r in s.items():
         lines.append(f"| {TITLES[m]} | {'/'.join(map(str, r['steps']))} | {r['docs_per_step']:.1f} | {r['batch']} | {r['train_s']:.0f} |"
-                     f" {r['docs_per_s']:.3f} ({r['docs_per_s_range'][0]:.3f}-{r['docs_per_s_range'][1]:.3f}) | {r['tokens_per_s']:,.0f} | {r['peak_mb']:,.0f} |")
+                     f" {r['docs_per_s']:.3f} ({r['docs_per_s_range'][0]:.3f}-{r['docs_per_s_range'][1]:.3f}) | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_mb']:,.0f} |")
     lines += ["", "| loramix / peer | docs/s | peak memory |", "|---|---:|---:|"]
     for m in [m for m in s if m != "loramix" and "loramix" in s]:
         lines.append(f"| vs {TITLES[m]} | {s['loramix']['docs_per_s'] / s[m]['docs_per_s']:.2f}x | {s['loramix']['peak_mb'] / s[m]['peak_mb']:.2f}x |")
@@ -480,9 +489,10 @@ def section(env: dict, command: str, text: str) -> str:
     trl = ", ".join(f"{k} {v}" for k, v in env["trl_env"].items()) if env["trl_env"] else "not run"
     return (f"<!-- quality -->\n## Quality and speed on a real model: SmolLM2-135M-Instruct\n\nMeasured {env['date']}: {env['cpu']}, {env['cores']} cores,"
             f" 1-minute load average {env['load_1min_start_end'][0]:.2f} at start, {env['load_1min_start_end'][1]:.2f} at the end (other work on the machine"
-            f" slows every method, unevenly);"
+            " slows every method, unevenly);"
             f" Python {env['python']}, loramix {env['loramix']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']};"
-            f" TRL's venv: {trl}. Base: SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `{WHEEL}`) dequantized to fp32. Command: `{command}`.\n\n{text}\n<!-- /quality -->")
+            f" TRL's venv: {trl}. Base: SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `{WHEEL}`) dequantized to fp32. Command: `{command}`.\n\n{text}\n<!-- /quality "
+            "-->")
 
 
 def main() -> None:
@@ -511,7 +521,8 @@ def main() -> None:
     assert all(lr_at(k, 17, 3, 1.0) == lr_scale(k, 17, 3) for k in range(17))
     load, start = [os.getloadavg()[0]], time.perf_counter()
     loramix_base, base = base_dir(args)
-    spec = {"loramix_base": loramix_base, "base": base, "cache": args.cache, "data": args.data, "docs_per_source": args.docs_per_source, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+    spec = {"loramix_base": loramix_base, "base": base, "cache": args.cache, "data": args.data, "docs_per_source": args.docs_per_source,
+            "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "grad_accum": args.grad_accum, "lr": args.lr, "warmup": args.warmup, "seeds": args.seeds}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

@@ -153,7 +153,8 @@ def table(spec: dict, rows: list[dict]) -> str:
              f" half greedy, half seeded sampling (temperature 0.8, top_k 50); server --max-batch {spec['max_batch']}"
              f" --max-queue {spec['max_queue']}, {spec['threads'] or 'default'} torch thread(s); {spec['repeats']} repeats of every level")
     lines = [about, "",
-             "| concurrent clients | requests | answered | 429 | failed | completion tokens/s | vs one at a time (lowest-highest) | p50 latency s | p95 latency s |",
+             "| concurrent clients | requests | answered | 429 | failed | completion tokens/s | vs one at a time (lowest-highest) | p50 latency s | p95 "
+             "latency s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         low, high = r["vs_one_range"]

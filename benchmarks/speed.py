@@ -52,8 +52,8 @@ def load(spec: dict):
     from loramix.model import attach_lora
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", overrides(spec))
-    tokenizer, data, base = load_inputs(cfg, log=lambda *a: None)
-    return cfg, tokenizer, data, attach_lora(stock_activations(base), cfg.lora, cfg.train.seed)
+    inputs = load_inputs(cfg, lambda base: attach_lora(stock_activations(base), cfg.lora, cfg.train.seed), log=lambda *a: None)
+    return inputs.cfg, inputs.tokenizer, inputs.data, inputs.model
 
 
 def stock_activations(model):
@@ -290,12 +290,13 @@ def table(spec: dict, res: dict) -> str:
         "",
         f"| evaluation (same adapter, {spec['eval_reps']} runs, median) | samples/s | token-weighted loss |",
         "|---|---:|---:|",
-        f"| Trainer.evaluate(), batch 4 x 512 | {ev['eval_samples_per_s']:.2f} | {ev['eval_loss']:.6f} (Trainer's own mean of batch means: {ev['eval_loss_trainer']:.6f}) |",
+        f"| Trainer.evaluate(), batch 4 x 512 | {ev['eval_samples_per_s']:.2f} | {ev['eval_loss']:.6f} (Trainer's own mean of batch means: "
+        f"{ev['eval_loss_trainer']:.6f}) |",
         f"| loramix eval | {lx['eval_samples_per_s']:.2f} | {lx['eval_loss']:.6f} |",
         "",
         f"eval speed-up {lx['eval_samples_per_s'] / ev['eval_samples_per_s']:.2f}x; loss difference {rel:.1e} relative;"
         f" validation loss after training: loramix {lx['val_loss']:.4f}, Trainer {mx['val_loss']:.4f} / {dyn['val_loss']:.4f}"
-        f" (different data order and dropout draws: run-to-run noise)",
+        " (different data order and dropout draws: run-to-run noise)",
     ]
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """Shared fixtures: offline Hugging Face libraries, a private cache, a tiny GPT-2 config, the one tiny run
 that every test reading a finished run shares, and helpers the test modules have in common.
 
-Tiers (markers, `pytest -m unit` etc.): unit, e2e, parity, gpu (skipped without CUDA)."""
+Tiers (markers on each test, `pytest -m unit` etc.): unit, e2e, parity, real; gpu (skipped without CUDA) on top."""
 
 import os
 
@@ -19,12 +19,20 @@ from loramix.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+CRASHING = str(ROOT / "tests" / "crashing.py")  # `loramix` that dies at LORAMIX_CRASH_AT (tests/crashing.py)
+
+
+TIERS = ("unit", "e2e", "parity", "real")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu skip on a machine without CUDA (CI), and run where one is."""
+    """Every test carries exactly one tier, marked on the test itself (so `-m unit` finds the unit tests of
+    every module); tests marked gpu skip on a machine without CUDA (CI), and run where one is."""
     import torch
 
+    wrong = [item.nodeid for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
+    if wrong:
+        raise pytest.UsageError(f"mark each test with exactly one of {', '.join(TIERS)}: {', '.join(wrong[:5])}")
     if not torch.cuda.is_available():
         for item in items:
             if "gpu" in item.keywords:

@@ -14,8 +14,6 @@ from loramix.cli import main
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.e2e
-
 DEMO = ROOT / "configs" / "demo.yaml"
 TIMING = {"seconds", "samples_per_s", "tokens_per_s"}
 
@@ -41,18 +39,21 @@ def _card_rows(text: str) -> dict[str, list[str]]:
     return {m[1]: m[2].split(" | ") for m in re.finditer(r"^\| (\S+) \| ([\d,]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+) \|$", text, re.MULTILINE)}
 
 
+@pytest.mark.e2e
 def test_import_is_light_and_lists_the_api():
     code = "import sys, loramix; print(sorted(m for m in ('torch', 'transformers', 'pydantic') if m in sys.modules), 'train' in dir(loramix))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] True"
 
 
+@pytest.mark.e2e
 def test_config_built_in_code_equals_the_loaded_one():
     built = loramix.Config(name="x", lora={"r": 4, "targets": "c_attn"}, data={"sources": ["squad"], "cap": 5})
     assert built == loramix.load_config(None, ["name=x", "lora.r=4", "lora.targets=c_attn", "data.sources=[squad]", "data.cap=5"])
     assert built.data.sources["squad"].hub_id == "rajpurkar/squad"
 
 
+@pytest.mark.e2e
 def test_whole_run_through_the_python_api(api_run, tmp_path):
     _, result, lines = api_run
     run = result.run_dir
@@ -77,6 +78,7 @@ def test_whole_run_through_the_python_api(api_run, tmp_path):
     assert _card_rows(md.read_text())["overall"][1] == f"{saved['overall']['loss']:.4f}" and page.is_file()
 
 
+@pytest.mark.e2e
 def test_errors_raise_with_the_cli_message(api_run, tmp_path, capsys):
     cfg, result, _ = api_run
     with pytest.raises(loramix.LoramixError) as e:
@@ -92,6 +94,7 @@ def test_errors_raise_with_the_cli_message(api_run, tmp_path, capsys):
     assert json.loads((result.run_dir / "run.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.e2e
 def test_cli_and_api_give_the_same_eval_json(api_run, tmp_path):
     """The config the API run was built from, saved as a preset for the CLI: the same eval.json (all but
     wall-clock timings), config.yaml and model card."""
@@ -106,6 +109,7 @@ def test_cli_and_api_give_the_same_eval_json(api_run, tmp_path):
     assert (run_dir / "adapter" / "README.md").read_text() == (result.adapter / "README.md").read_text()
 
 
+@pytest.mark.e2e
 def test_model_card_lists_the_metrics_of_eval_json_and_the_report(tiny_run, tmp_path):
     card = (tiny_run.run_dir / "adapter" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
@@ -126,6 +130,7 @@ def test_model_card_lists_the_metrics_of_eval_json_and_the_report(tiny_run, tmp_
     assert _card_rows(merged_card) == rows
 
 
+@pytest.mark.e2e
 def test_model_card_metadata_names_the_hub_datasets_and_base():
     from loramix.card import model_card
 
@@ -136,6 +141,7 @@ def test_model_card_metadata_names_the_hub_datasets_and_base():
                                        "abisee/cnn_dailymail", "EdinburghNLP/xsum", "rajpurkar/squad", "stanfordnlp/imdb"])
 
 
+@pytest.mark.e2e
 def test_notebook_gets_progress_bars(monkeypatch):
     from tqdm import autonotebook, notebook
 

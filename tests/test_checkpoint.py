@@ -18,9 +18,7 @@ from loramix.config import load_config
 from loramix.errors import LoramixError
 from loramix.training import train
 
-from conftest import ROOT, metric_rows
-
-pytestmark = pytest.mark.e2e
+from conftest import CRASHING, ROOT, metric_rows
 
 
 def _args(cache_dir):
@@ -33,7 +31,7 @@ def _args(cache_dir):
 
 def _run(args, run_dir, crash_at=None, check=True):
     env = {**os.environ, "LORAMIX_CRASH_AT": crash_at or ""}
-    proc = subprocess.run([sys.executable, "-m", "loramix", "train", *args, "--run-dir", str(run_dir), "--resume", "--quiet"],
+    proc = subprocess.run([sys.executable, CRASHING, "train", *args, "--run-dir", str(run_dir), "--resume", "--quiet"],
                           env=env, capture_output=True, text=True)
     if check and crash_at is None:
         assert proc.returncode == 0, proc.stderr
@@ -47,6 +45,7 @@ def reference(tmp_path_factory, cache_dir):
     return run_dir
 
 
+@pytest.mark.e2e
 def test_killed_and_resumed_run_is_bit_identical(reference, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = _args(cache_dir)
@@ -69,10 +68,11 @@ def test_killed_and_resumed_run_is_bit_identical(reference, cache_dir, tmp_path)
     assert ckpt.latest_names(run_dir)[-2:] == ["step-0000010", "step-0000012"]
 
 
+@pytest.mark.e2e
 def test_sigterm_checkpoints_and_resumes_exactly(reference, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = _args(cache_dir)
-    cmd = [sys.executable, "-m", "loramix", "train", *args, "--run-dir", str(run_dir), "--resume", "--quiet"]
+    cmd = [sys.executable, CRASHING, "train", *args, "--run-dir", str(run_dir), "--resume", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2):
@@ -90,6 +90,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(reference, cache_dir, tmp_path)
     assert metric_rows(run_dir) == metric_rows(reference)
 
 
+@pytest.mark.e2e
 def test_damaged_checkpoint_is_skipped_for_the_previous(reference, tmp_path):
     import shutil
 
@@ -105,6 +106,7 @@ def test_damaged_checkpoint_is_skipped_for_the_previous(reference, tmp_path):
     assert warnings == [f"warning: checkpoint {names[-1]} is damaged (optimizer.pt checksum mismatch); skipping it for the previous one"]
 
 
+@pytest.mark.e2e
 def test_resume_with_another_config_names_the_difference(reference, cache_dir, tmp_path, capsys):
     import shutil
 
@@ -120,6 +122,7 @@ def _tiny_cfg(cache_dir, *extra):
     return load_config(ROOT / "configs" / "demo.yaml", _args(cache_dir)[2:] + ["train.log_every=1", *extra])
 
 
+@pytest.mark.e2e
 def test_checkpoint_of_another_lora_shape_is_refused(reference, cache_dir):
     from loramix.model import attach_lora, load_base_model
 
@@ -138,6 +141,7 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+@pytest.mark.e2e
 def test_pickled_code_in_a_checkpoint_is_never_run(reference, cache_dir, tmp_path):
     import shutil
 
@@ -176,6 +180,7 @@ def _nan_on_steps(monkeypatch, bad):
     monkeypatch.setattr(tr, "_optimizer_step", counting)
 
 
+@pytest.mark.e2e
 def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, cache_dir, tmp_path):
     _nan_on_steps(monkeypatch, lambda step: step in (3, 4))
     result = train(_tiny_cfg(cache_dir), tmp_path / "run", log=lambda *a: None)
@@ -185,6 +190,7 @@ def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, cache_dir, tmp_pat
     assert result.eval.overall.loss < 11
 
 
+@pytest.mark.e2e
 def test_persistent_nonfinite_stops_and_keeps_the_last_good_checkpoint(monkeypatch, cache_dir, tmp_path):
     _nan_on_steps(monkeypatch, lambda step: step >= 5)
     with pytest.raises(LoramixError, match=r"not finite for 3 steps in a row \(up to step 7\); stopped, the last good checkpoint is step-0000006"):
@@ -196,6 +202,7 @@ def test_persistent_nonfinite_stops_and_keeps_the_last_good_checkpoint(monkeypat
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.e2e
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(monkeypatch, cache_dir, tmp_path):
     real, calls = ckpt.save_file, {"n": 0}
 
@@ -215,6 +222,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(monkeypatch, cach
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp*"))
 
 
+@pytest.mark.e2e
 def test_keeps_the_newest_and_the_best(reference):
     names = ckpt.latest_names(reference)
     best = ckpt.best_checkpoint(reference)

@@ -10,8 +10,6 @@ from loramix.cli import main
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.e2e
-
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
 
@@ -39,10 +37,12 @@ def _fails(capsys, argv, message, run_dir):
     ("train.compile=maybe", "train.compile='maybe' is not allowed (choose one of: auto, on, off)"),
     ("data.local_dir=/no/such/dir", "/no/such/dir/wikitext.jsonl does not exist; fix data.local_dir"),
 ])
+@pytest.mark.e2e
 def test_train_bad_input(capsys, tmp_path, tiny_overrides, override, message):
     _fails(capsys, ["train", "-c", DEMO, *tiny_overrides, override], message, tmp_path / "run")
 
 
+@pytest.mark.e2e
 def test_bad_local_files(capsys, tmp_path, tiny_overrides):
     data = tmp_path / "data"
     data.mkdir()
@@ -55,6 +55,7 @@ def test_bad_local_files(capsys, tmp_path, tiny_overrides):
     _fails(capsys, base + ["data.sources=[yelp_review_full]"], "source 'yelp_review_full' has no usable rows", tmp_path / "r3")
 
 
+@pytest.mark.e2e
 def test_missing_preset_and_existing_run(capsys, tmp_path, tiny_overrides):
     _fails(capsys, ["train", "-c", str(tmp_path / "nope.yaml")], "config file", tmp_path / "r")
     taken = tmp_path / "taken"
@@ -65,11 +66,13 @@ def test_missing_preset_and_existing_run(capsys, tmp_path, tiny_overrides):
     assert json.loads((taken / "eval.json").read_text()) == {}
 
 
+@pytest.mark.e2e
 def test_eval_on_a_non_run_dir(capsys, tmp_path):
     assert main(["eval", str(tmp_path)]) == 2
     assert "is neither a loramix run dir (config.yaml) nor a PEFT adapter dir" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_debug_shows_the_traceback(tmp_path):
     from loramix.errors import LoramixError
 
@@ -77,12 +80,14 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["train", "-c", DEMO, "lora.rnak=8", "--debug", "--run-dir", str(tmp_path / "r")])
 
 
+@pytest.mark.e2e
 def test_console_script_exit_code_and_single_line():
     proc = subprocess.run([sys.executable, "-m", "loramix", "train", "-c", DEMO, "train.epochs=0"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "loramix: error: bad config: train.epochs=0 must be > 0"
 
 
+@pytest.mark.e2e
 def test_overrides_may_follow_options(capsys, cache_dir):
     assert main(["config", "-c", DEMO, "lora.r=4", "--quiet", "train.epochs=5"]) == 0
     out = capsys.readouterr().out

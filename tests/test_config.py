@@ -10,15 +10,15 @@ from loramix.errors import LoramixError
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.unit
 
-
+@pytest.mark.unit
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_preset_loads(preset):
     cfg = load_config(ROOT / "configs" / preset)
     assert cfg.name == preset.removesuffix(".yaml")
 
 
+@pytest.mark.unit
 def test_seed_preset_is_the_seed_recipe():
     cfg = load_config(ROOT / "configs" / "seed.yaml")
     assert (cfg.model.name, cfg.model.init) == ("gpt2", "pretrained")
@@ -34,12 +34,14 @@ def test_seed_preset_is_the_seed_recipe():
     assert (cnn.subset, cnn.template) == ("3.0.0", "{article}\n\nSummary: {highlights}")
 
 
+@pytest.mark.unit
 def test_overrides_are_typed():
     cfg = load_config(ROOT / "configs" / "seed.yaml", ["lora.r=16", "train.epochs=1", "train.lr=1e-4", "train.max_steps=7", "data.cap=null"])
     assert (cfg.lora.r, cfg.train.epochs, cfg.train.lr, cfg.train.max_steps, cfg.data.cap) == (16, 1, 1e-4, 7, None)
     assert isinstance(cfg.train.lr, float)
 
 
+@pytest.mark.unit
 def test_sources_list_shorthand_and_per_source_override():
     cfg = load_config(None, ["data.sources=[squad, imdb]", "data.sources.squad.cap=5", "data.sources.squad.weight=2"])
     assert list(cfg.data.sources) == ["squad", "imdb"]
@@ -47,6 +49,7 @@ def test_sources_list_shorthand_and_per_source_override():
     assert cfg.data.sources["imdb"].hub_id == "stanfordnlp/imdb"
 
 
+@pytest.mark.unit
 def test_legacy_hub_names_are_aliases_of_the_canonical_ids():
     cfg = load_config(None, ["data.sources=[ag_news, mine]", "data.sources.ag_news.hub_id=ag_news", "data.sources.mine.hub_id=xsum",
                              "data.sources.mine.template={document}"])
@@ -54,6 +57,7 @@ def test_legacy_hub_names_are_aliases_of_the_canonical_ids():
     assert load_config(None, ["data.sources.x.hub_id=someone/ag_news"]).data.sources["x"].hub_id == "someone/ag_news"
 
 
+@pytest.mark.unit
 def test_custom_source_needs_hub_id_or_path():
     with pytest.raises(LoramixError, match=r"data.sources.mine: unknown source; give it a hub_id or a path"):
         load_config(None, ["data.sources=[mine]"])
@@ -83,6 +87,7 @@ def test_custom_source_needs_hub_id_or_path():
     ("data.packing=maybe", "data.packing='maybe' must be true or false"),
     ("lora=5", "lora=5 must be a mapping of keys"),
 ])
+@pytest.mark.unit
 def test_bad_values_name_key_value_and_allowed(override, message):
     with pytest.raises(LoramixError) as e:
         load_config(ROOT / "configs" / "demo.yaml", [override])
@@ -90,12 +95,14 @@ def test_bad_values_name_key_value_and_allowed(override, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 def test_all_errors_reported_at_once():
     with pytest.raises(LoramixError) as e:
         load_config(None, ["lora.r=0", "train.epochs=-1", "lora.nope=1"])
     assert "lora.r=0" in str(e.value) and "train.epochs=-1" in str(e.value) and "lora.nope" in str(e.value)
 
 
+@pytest.mark.unit
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(LoramixError, match="is not key=value"):
         load_config(None, ["lora.r"])
@@ -107,11 +114,13 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.unit
 def test_fingerprint_tracks_values():
     a, b = load_config(None), load_config(None, ["lora.r=4"])
     assert a.fingerprint() == load_config(None).fingerprint() != b.fingerprint()
 
 
+@pytest.mark.unit
 def test_every_key_is_documented():
     rows = describe_keys()
     keys = {k for k, _, _ in rows}
@@ -122,23 +131,27 @@ def test_every_key_is_documented():
     assert all(doc for _, _, doc in rows)
 
 
+@pytest.mark.unit
 def test_a_bad_integer_is_one_error_not_two():
     with pytest.raises(LoramixError) as e:
         load_config(None, ["lora.r=abc"])
     assert str(e.value) == "bad config: lora.r='abc' must be an integer"
 
 
+@pytest.mark.unit
 def test_unknown_source_is_reported_with_the_other_errors():
     with pytest.raises(LoramixError) as e:
         load_config(None, ["data.sources=[mine]", "lora.r=0"])
     assert str(e.value).startswith("bad config: lora.r=0 must be > 0; data.sources.mine: unknown source; give it a hub_id or a path")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, value", [("on", "on"), ("off", "off"), ("On", "on"), ('"on"', "on"), ("auto", "auto")])
 def test_compile_takes_on_and_off_as_words(text, value):
     assert load_config(None, [f"train.compile={text}"]).train.compile == value
 
 
+@pytest.mark.unit
 def test_yaml_booleans_map_back_to_word_choices(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("train:\n  compile: on\ndata:\n  packing: off\n", encoding="utf-8")
@@ -147,11 +160,13 @@ def test_yaml_booleans_map_back_to_word_choices(tmp_path):
     assert config_from_dict({"train": {"compile": False}}).train.compile == "off"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
 def test_device_forms_load(device):
     assert load_config(None, [f"train.device={device}"]).train.device == device
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])
 def test_unknown_device_fails_at_load(device):
     with pytest.raises(LoramixError) as e:
@@ -159,11 +174,13 @@ def test_unknown_device_fails_at_load(device):
     assert str(e.value) == f"bad config: train.device='{device}' is not a device (choose one of: auto, cpu, cuda, cuda:N, mps)"
 
 
+@pytest.mark.unit
 def test_string_fields_take_the_override_text():
     cfg = load_config(None, ["data.sources.squad.template={body}", "data.sources.squad.subset=3.0", "lora.targets=c_attn"])
     assert (cfg.data.sources["squad"].template, cfg.data.sources["squad"].subset, cfg.lora.targets) == ("{body}", "3.0", ["c_attn"])
 
 
+@pytest.mark.unit
 def test_saved_config_round_trips():
     cfg = load_config(ROOT / "configs" / "seed.yaml", ["train.compile=off", "data.sources.squad.cap=5"])
     saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -171,17 +188,20 @@ def test_saved_config_round_trips():
     assert dataclasses.replace(cfg.data, local_dir="/d").sources == cfg.data.sources
 
 
+@pytest.mark.unit
 def test_builtin_sources_fill_the_defaults():
     assert list(Config().data.sources) == list(BUILTIN_SOURCES)
     assert Config().data.sources["cnn_dailymail"].subset == "3.0.0"
 
 
+@pytest.mark.unit
 def test_cap_for_prefers_the_source_cap():
     data = load_config(None, ["data.sources=[squad, imdb]", "data.sources.squad.cap=5", "data.cap=7"]).data
     assert (data.cap_for(data.sources["squad"]), data.cap_for(data.sources["imdb"])) == (5, 7)
     assert load_config(None, ["data.cap=null"]).data.cap_for(data.sources["imdb"]) is None
 
 
+@pytest.mark.unit
 def test_config_imports_no_later_stage():
     code = "import sys, loramix.config; print(sorted(m for m in sys.modules if m.startswith('loramix')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

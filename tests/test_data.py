@@ -16,8 +16,6 @@ from loramix.model import load_tokenizer
 
 from conftest import REAL_DATA
 
-pytestmark = pytest.mark.unit
-
 
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -33,6 +31,7 @@ def tokenizer():
     return load_tokenizer(load_config(None).model)
 
 
+@pytest.mark.unit
 def test_templates_render_nested_fields_and_skip_blank_rows(tmp_path):
     _write_jsonl(tmp_path / "squad.jsonl", [
         {"context": "C1", "question": "Q1?", "answers": {"text": ["A1", "x"], "answer_start": [0, 1]}},
@@ -46,6 +45,7 @@ def test_templates_render_nested_fields_and_skip_blank_rows(tmp_path):
     assert sorted((d.row, d.text) for d in wiki) == [(1, " = T = \n"), (3, " body \n")]
 
 
+@pytest.mark.unit
 def test_cap_is_a_seeded_sample(tmp_path):
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"review {i}", "label": 0} for i in range(50)])
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
@@ -56,6 +56,7 @@ def test_cap_is_a_seeded_sample(tmp_path):
     assert a == b and len(set(a)) == 10 and a != c and a != list(range(10))
 
 
+@pytest.mark.unit
 def test_stratified_split_and_manifest(tmp_path):
     _write_jsonl(tmp_path / "ag_news.jsonl", [{"text": f"news {i}", "label": 1} for i in range(100)])
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"film {i}", "label": 0} for i in range(40)])
@@ -72,6 +73,7 @@ def test_stratified_split_and_manifest(tmp_path):
     assert other.manifest["sources"]["imdb"]["val_ids_sha256"] != m["imdb"]["val_ids_sha256"]
 
 
+@pytest.mark.unit
 def test_weights_scale_training_side_only(tmp_path):
     _write_jsonl(tmp_path / "ag_news.jsonl", [{"text": f"news {i}"} for i in range(20)])
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"film {i}"} for i in range(20)])
@@ -82,6 +84,7 @@ def test_weights_scale_training_side_only(tmp_path):
     assert sum(d.source == "imdb" for d in mix.val) == 5
 
 
+@pytest.mark.unit
 def test_eos_appended_and_tokens_cached(tmp_path, tokenizer):
     from loramix.data.sources import Document
 
@@ -94,6 +97,7 @@ def test_eos_appended_and_tokens_cached(tmp_path, tokenizer):
     assert "from cache" in logs[-1] and [t.ids.tolist() for t in second] == [t.ids.tolist() for t in first]
 
 
+@pytest.mark.unit
 def test_targets_keep_eos_and_skip_padding():
     eos = 50256
     rows = [[Segment(0, np.array([5, 6, 7, eos], np.int32))], [Segment(1, np.array([8, eos], np.int32))]]
@@ -106,6 +110,7 @@ def test_targets_keep_eos_and_skip_padding():
     assert b.n_targets == 4
 
 
+@pytest.mark.unit
 def test_packed_row_targets_never_cross_documents():
     eos = 50256
     row = [Segment(0, np.array([1, 2, eos], np.int32)), Segment(2, np.array([3, eos], np.int32))]
@@ -115,6 +120,7 @@ def test_packed_row_targets_never_cross_documents():
     assert b.target_source.tolist() == [[0, 0, -1, 2, -1]]
 
 
+@pytest.mark.unit
 def test_truncate_or_split_long_documents():
     from loramix.data.tokens import Tokens
 
@@ -129,6 +135,7 @@ def test_truncate_or_split_long_documents():
 # ------------------------------------------------------------------ bad input
 
 
+@pytest.mark.unit
 def test_template_naming_absent_field(tmp_path):
     _write_jsonl(tmp_path / "xsum.jsonl", [{"text": "x"}])
     cfg = _cfg(tmp_path, ["data.sources=[xsum]"])
@@ -136,6 +143,7 @@ def test_template_naming_absent_field(tmp_path):
         load_documents("xsum", cfg.data.sources["xsum"], cfg.data, None)
 
 
+@pytest.mark.unit
 def test_no_usable_rows(tmp_path):
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": "  "}, {"text": ""}])
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
@@ -143,6 +151,7 @@ def test_no_usable_rows(tmp_path):
         load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
 
 
+@pytest.mark.unit
 def test_too_few_rows_to_split(tmp_path):
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": "only one"}])
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
@@ -150,12 +159,14 @@ def test_too_few_rows_to_split(tmp_path):
         build_mixture(cfg.data, log=lambda *a: None)
 
 
+@pytest.mark.unit
 def test_missing_local_file(tmp_path):
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
     with pytest.raises(LoramixError, match=r"imdb.jsonl does not exist; fix data.local_dir or data.sources.imdb.path"):
         load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content", ["", "\n  \n\n"])
 def test_empty_jsonl_is_called_empty(tmp_path, content):
     (tmp_path / "imdb.jsonl").write_text(content, encoding="utf-8")
@@ -165,6 +176,7 @@ def test_empty_jsonl_is_called_empty(tmp_path, content):
     assert str(e.value) == f"source 'imdb': {tmp_path / 'imdb.jsonl'} is empty; add rows or drop the source"
 
 
+@pytest.mark.unit
 def test_local_dir_that_is_a_file(tmp_path):
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": "a"}])
     cfg = load_config(None, ["data.sources=[imdb]", f"data.local_dir={tmp_path / 'imdb.jsonl'}"])
@@ -174,12 +186,14 @@ def test_local_dir_that_is_a_file(tmp_path):
                             "point it at a folder of <source>.jsonl files such as imdb.jsonl")
 
 
+@pytest.mark.unit
 def test_demo_local_dir_generates_data(tmp_path, tokenizer):
     cfg = _cfg(tmp_path, ["data.local_dir=@demo", "data.sources=[imdb, squad]", "data.cap=20", "data.seq_len=64"])
     manifest = prepare_data(cfg.data, tokenizer, log=lambda *a: None).mixture.manifest["sources"]
     assert [(m["selected"], m["train"], m["val"]) for m in manifest.values()] == [(20, 17, 3), (20, 17, 3)]
 
 
+@pytest.mark.unit
 def test_sources_imports_only_config_and_errors():
     tree = ast.parse(open(sources.__file__, encoding="utf-8").read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -187,6 +201,7 @@ def test_sources_imports_only_config_and_errors():
     assert {m for m in imported if m.startswith("loramix")} == {"loramix.config", "loramix.errors"}
 
 
+@pytest.mark.unit
 def test_invalid_jsonl_names_file_and_line(tmp_path):
     (tmp_path / "imdb.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n', encoding="utf-8")
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
@@ -194,6 +209,7 @@ def test_invalid_jsonl_names_file_and_line(tmp_path):
         load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
 
 
+@pytest.mark.unit
 def test_non_utf8_file(tmp_path):
     (tmp_path / "imdb.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
@@ -201,6 +217,7 @@ def test_non_utf8_file(tmp_path):
         load_documents("imdb", cfg.data.sources["imdb"], cfg.data, None)
 
 
+@pytest.mark.unit
 def test_other_local_formats(tmp_path):
     (tmp_path / "r.csv").write_text("text,label\nfirst review,1\nsecond review,0\n", encoding="utf-8")
     cfg = load_config(None, ["data.sources=[imdb]", f"data.sources.imdb.path={tmp_path / 'r.csv'}"])
@@ -208,6 +225,7 @@ def test_other_local_formats(tmp_path):
     assert sorted(d.text for d in docs) == ["first review", "second review"]
 
 
+@pytest.mark.unit
 def test_unreachable_hub_source_says_how_to_use_local_files():
     cfg = load_config(None, ["data.sources=[imdb]", "data.sources.imdb.hub_id=no-such-org/no-such-dataset"])
     with pytest.raises(LoramixError) as e:
@@ -215,6 +233,7 @@ def test_unreachable_hub_source_says_how_to_use_local_files():
     assert "data.local_dir=DIR with imdb.jsonl, or data.sources.imdb.path=FILE" in str(e.value)
 
 
+@pytest.mark.unit
 def test_hub_source_records_the_revision_it_read(tmp_path, monkeypatch):
     """A Hub dataset read offline from the datasets cache, as an online run left it (in a directory named
     by the dataset repository's commit): the manifest records that commit, and the seed's short name
@@ -238,6 +257,7 @@ def test_hub_source_records_the_revision_it_read(tmp_path, monkeypatch):
     assert {d.text for d in mix.train + mix.val} <= {f"news {i}" for i in range(20)}
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real")
 def test_real_samples_render_with_builtin_templates():
     cfg = load_config(None, [f"data.local_dir={REAL_DATA}", "data.cap=5"])

@@ -9,9 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, metric_rows
-
-pytestmark = pytest.mark.parity
+from conftest import CRASHING, ROOT, metric_rows
 
 
 def _args(cache_dir, grad_accum):
@@ -23,9 +21,9 @@ def _args(cache_dir, grad_accum):
 
 
 def _launch(nproc, args, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "loramix", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", CRASHING, *args]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "loramix", *args]
+        cmd = [sys.executable, CRASHING, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,6 +54,7 @@ def runs(tmp_path_factory, cache_dir):
     return root / "one", root / "two"
 
 
+@pytest.mark.parity
 def test_two_processes_match_one_with_the_same_global_batch(runs):
     one, two = runs
     _assert_rows_close(metric_rows(two), metric_rows(one))
@@ -65,6 +64,7 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
         json.loads((one / "eval.json").read_text())["overall"]["loss"], rel=1e-5)
 
 
+@pytest.mark.parity
 def test_eval_on_two_processes_equals_one(runs, tmp_path):
     one, _ = runs
     _launch(1, ["eval", str(one), "--out", str(tmp_path / "e1.json"), "--quiet"])
@@ -78,6 +78,7 @@ def test_eval_on_two_processes_equals_one(runs, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
 
+@pytest.mark.parity
 def test_two_process_checkpoint_resumes_on_one(runs, tmp_path, cache_dir):
     one, two = runs
     run = tmp_path / "moved"
@@ -91,6 +92,7 @@ def test_two_process_checkpoint_resumes_on_one(runs, tmp_path, cache_dir):
     _assert_adapters_close(run, two)
 
 
+@pytest.mark.parity
 def test_another_global_batch_is_refused_on_resume(runs, tmp_path, cache_dir):
     _, two = runs
     run = tmp_path / "moved"
@@ -101,6 +103,7 @@ def test_another_global_batch_is_refused_on_resume(runs, tmp_path, cache_dir):
     assert "train.global_batch: 8 -> 4" in proc.stderr
 
 
+@pytest.mark.parity
 def test_two_process_resume_is_bit_exact_with_dropout(cache_dir, tmp_path):
     """Killed (SIGKILL, every process) between checkpoints and resumed on 2 processes: same bytes, same rows."""
     import os

@@ -7,11 +7,10 @@ from loramix.cli import main
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.e2e
-
 IDS = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256, 40, 1101, 3772]])
 
 
+@pytest.mark.e2e
 def test_merged_dir_loads_in_stock_transformers_with_equal_logits(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,6 +23,7 @@ def test_merged_dir_loads_in_stock_transformers_with_equal_logits(tiny_run, tmp_
     assert AutoTokenizer.from_pretrained(str(out))("Hello world")["input_ids"] == [15496, 995]
 
 
+@pytest.mark.e2e
 def test_merge_to_half_precision_and_refuses_a_full_dir(tiny_run, tmp_path, capsys):
     out = tmp_path / "half"
     assert main(["merge", str(tiny_run.run_dir), "--out", str(out), "--dtype", "bf16"]) == 0
@@ -34,6 +34,7 @@ def test_merge_to_half_precision_and_refuses_a_full_dir(tiny_run, tmp_path, caps
     assert "is not empty; pick another --out or pass --overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
     """An adapter made by stock PEFT (get_peft_model + save_pretrained) on a stock GPT-2 dir."""
     from peft import LoraConfig, get_peft_model
@@ -76,11 +77,13 @@ def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
     assert tok(text)["input_ids"][0] == int(first)
 
 
+@pytest.mark.e2e
 def test_merge_of_something_else(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "is neither a loramix run dir (config.yaml) nor a PEFT adapter dir" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_a_run_on_another_base_is_refused(tiny_run, tmp_path, capsys):
     """run.json records the base's fingerprint: a base rebuilt differently is named, not silently used."""
     import json

@@ -1,5 +1,5 @@
-"""Every supported family on a tiny random-init model (tests/tiny_families.py): the README's family
-table, one column per claim, each backed by a test here."""
+"""Every family CI proves, on a tiny random-init model (tests/tiny_families.py): the README's family
+table, one column per claim, each backed by a test here; and a model type no test has seen."""
 
 import json
 import os
@@ -12,20 +12,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from crashing import kill_at
+from tiny_families import FAMILIES, WINDOW, family_dir, hf_tokenizer, sample_texts
 
 from loramix import artifacts
 from loramix.cli import main
 from loramix.commands import evaluate as evaluate_source
 from loramix.config import load_config
 from loramix.data.packing import Segment, collate
+from loramix.errors import LoramixError
 from loramix.generation import Sampling, generate
 from loramix.loss import token_nll
-from loramix.model import FAMILIES, load_base_model, load_tokenizer
+from loramix.model import load_base_model, load_tokenizer
 
-from conftest import ROOT
-from tiny_families import WINDOW, family_dir, hf_tokenizer, sample_texts
-
-pytestmark = pytest.mark.parity
+from conftest import CRASHING, ROOT
 
 TYPES = list(FAMILIES)
 # The README table's columns -> the test that backs each cell.
@@ -61,6 +61,7 @@ def runs(root, cache_dir):
     return run
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_type", TYPES)
 def test_trains(runs, model_type):
     result = runs(model_type)
@@ -73,6 +74,7 @@ def test_trains(runs, model_type):
     assert saved["fan_in_fan_out"] == (model_type == "gpt2")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_type", TYPES)
 def test_eval_reproduces_eval_json(runs, model_type):
     result = runs(model_type)
@@ -88,6 +90,7 @@ def _stock_adapter_model(run_dir):
     return PeftModel.from_pretrained(load_base_model(cfg.model, cfg.data.seq_len), str(run_dir / "adapter")).eval()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_type", TYPES)
 def test_merged_logits_equal_adapter_logits(runs, model_type, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -100,6 +103,7 @@ def test_merged_logits_equal_adapter_logits(runs, model_type, tmp_path):
         torch.testing.assert_close(merged(input_ids=torch.tensor(IDS)).logits, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_type", TYPES)
 def test_generate_follows_the_adapter(runs, model_type):
     """loramix's greedy text is the stock PEFT model's greedy continuation, token by token."""
@@ -129,6 +133,7 @@ def _base(root, model_type):
     return load_base_model(cfg.model, 64).eval(), load_tokenizer(cfg.model)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_type", TYPES)
 def test_packed_equals_unpacked(root, model_type):
     model, tok = _base(root, model_type)
@@ -143,6 +148,7 @@ def test_packed_equals_unpacked(root, model_type):
             start += len(seg.tokens)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_type", TYPES)
 def test_loss_equals_the_stock_loss(root, model_type):
     model, tok = _base(root, model_type)
@@ -154,6 +160,7 @@ def test_loss_equals_the_stock_loss(root, model_type):
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_type", TYPES)
 def test_serves_the_adapter(runs, model_type):
     """The batching server (adapter and base rows in one batch) answers as the merged adapter does."""
@@ -173,6 +180,7 @@ def test_serves_the_adapter(runs, model_type):
     assert choices[0]["text"] == expected
 
 
+@pytest.mark.parity
 def test_opt_serves_adapter_and_base_rows_in_turn(runs):
     """OPT's MLP folds the batch into the token dimension, so PEFT cannot mix adapters in one forward:
     the scheduler batches one adapter at a time, and an adapter row and a base row queued together each
@@ -196,6 +204,7 @@ def test_opt_serves_adapter_and_base_rows_in_turn(runs):
         assert event.error is None and event.text == expected
 
 
+@pytest.mark.unit
 def test_readme_family_table():
     """The README's table is this one: every family, every column, each cell backed by a test above."""
     rows = ["| family | model type | e.g. | " + " | ".join(CELLS) + " |", "|---|---|---|" + "---|" * len(CELLS)]
@@ -213,24 +222,109 @@ def test_readme_family_table():
 @pytest.mark.parametrize("extra, message", [
     (["model.config.hiden_size=64"], "model.config.hiden_size: not a setting of llama models; its size settings are model.config.num_hidden_layers"),
     (["model.n_layer=2"], "model.n_layer/n_embd/n_head are GPT-2's names (set them to null); for llama use model.config.num_hidden_layers"),
-    (["lora.targets=[q_proj,c_attn]"], "lora.targets c_attn match no linear module of this model; its modules are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+    (["lora.targets=[q_proj,c_attn]"], "lora.targets c_attn match no linear module of this model; its modules are: down_proj, gate_proj, k_proj, o_proj, "
+                                       "q_proj, up_proj, v_proj"),
 ])
+@pytest.mark.e2e
 def test_wrong_family_settings_fail_naming_what_exists(root, cache_dir, capsys, tmp_path, extra, message):
     rc = main(["train", *overrides(root, "llama", cache_dir, *extra), "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and "\n" not in err and not (tmp_path / "r").exists()
 
 
-def test_unsupported_model_type_fails_naming_the_supported(tmp_path, capsys, cache_dir):
+@pytest.mark.parity
+def test_mixture_of_experts_adapts_the_experts_without_dropout(root, cache_dir, tmp_path):
+    """Mixtral with lora.dropout=0: attention and the experts' stacked weights (PEFT's target_parameters),
+    never the router; it learns, the merged model gives the adapter's logits, and the server batches one
+    adapter at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from loramix.serve import load_engine
+    from loramix.training import train
+
+    result = train(load_config(None, overrides(root, "mixtral", cache_dir, "lora.dropout=0")), tmp_path / "run", log=lambda *a: None)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    assert sorted(saved["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert result.plan.targets == "k_proj, o_proj, q_proj, v_proj; experts: experts.down_proj, experts.gate_up_proj"
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert any("experts" in n for n in trainable) and not any(".gate." in n for n in trainable)
+    losses = [r["train_loss"] for r in result.metrics if r["event"] == "train"]
+    assert np.mean(losses[-3:]) < losses[0] - 0.1
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()(input_ids=torch.tensor(IDS)).logits
+        torch.testing.assert_close(merged, _stock_adapter_model(tmp_path / "run")(input_ids=torch.tensor(IDS)).logits, rtol=0, atol=1e-4)
+    assert not load_engine([tmp_path / "run"], max_tokens=8, device=torch.device("cpu"), log=lambda *a: None).scheduler.mixes
+
+
+@pytest.mark.e2e
+def test_a_model_type_no_test_has_seen_trains_unpacked_on_the_probes_verdict(tmp_path, capsys, cache_dir):
+    """Bloom (ALiBi) cannot take loramix's packed rows: the probe says so, and the run trains one document per row."""
     from transformers import BloomConfig
 
-    BloomConfig(n_layer=1, hidden_size=16, n_head=2).save_pretrained(str(tmp_path / "bloom"))
-    rc = main(["train", f"model.name={tmp_path / 'bloom'}", "model.init=random", "data.local_dir=@demo", f"data.cache_dir={cache_dir}",
+    BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=512, bos_token_id=0, eos_token_id=0).save_pretrained(str(tmp_path / "bloom"))
+    hf_tokenizer("bytelevel").save_pretrained(str(tmp_path / "bloom"))
+    args = ["train", f"model.name={tmp_path / 'bloom'}", "model.init=random", "data.local_dir=@demo", "data.cap=8", "data.seq_len=64",
+            f"data.cache_dir={cache_dir}", "train.epochs=1", "train.micro_batch=4", "train.grad_accum=1", "eval.base_compare=false"]
+    assert main([*args, "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: packed rows are not exact on this bloom model (its forward fails on packed rows" in out
+    assert "packed row == documents alone failed (ValueError" in out and "sequence length 64, packing off" in out
+    probe = json.loads((tmp_path / "r" / "run.json").read_text())["probe"]
+    assert probe["loss_exact"] and not probe["packing_exact"] and probe["loss_diff"] < 1e-5
+    plan = json.loads((tmp_path / "r" / "run.json").read_text())["plan"]
+    assert plan["rows_per_step"] == plan["docs_per_step"]  # one document per row
+    assert main([*args, "data.packing=true", "--run-dir", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loramix: error: packed rows are not exact on this bloom model") and "data.packing=auto" in err and "\n" not in err
+    assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.e2e
+def test_a_model_type_without_a_causal_lm_fails_in_one_line(tmp_path, capsys, cache_dir):
+    from transformers import T5Config
+
+    T5Config(num_layers=1, d_model=16, num_heads=2, d_kv=8, d_ff=32).save_pretrained(str(tmp_path / "t5"))
+    rc = main(["train", f"model.name={tmp_path / 't5'}", "model.init=random", "data.local_dir=@demo", f"data.cache_dir={cache_dir}",
                "--run-dir", str(tmp_path / "r")])
     assert rc == 2 and not (tmp_path / "r").exists()
-    assert f"model type 'bloom' is not supported; loramix supports: {', '.join(TYPES)}" in capsys.readouterr().err
+    assert "model type 't5' has no causal language model in transformers" in capsys.readouterr().err
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("targets, adapted", [
+    (["all-linear"], {f"layers.{k}.{m}" for k in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}),
+    ([r".*layers\.0\.self_attn\.(q|v)_proj"], {"layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj"}),
+    ([r".*\.1\.mlp\.down_proj", "q_proj"], {"layers.1.mlp.down_proj", "layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"}),
+])
+def test_targets_take_peft_all_linear_and_regular_expressions(root, targets, adapted):
+    from peft.tuners.lora import LoraLayer
+
+    from loramix.model import attach_lora
+
+    cfg = load_config(None, [f"model.name={family_dir(root, 'llama')}", "model.init=random", f"lora.targets={json.dumps(targets)}"])
+    model = attach_lora(load_base_model(cfg.model, 64), cfg.lora, 0)
+    found = {n[n.index("layers."):] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert found == adapted
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("targets, message", [
+    ([r".*\.attn\.c_q"], "lora.targets ['.*\\\\.attn\\\\.c_q'] match no linear module of this model; its modules are: down_proj, gate_proj"),
+    (["(q_proj"], "lora.targets ['(q_proj']: not a valid regular expression (missing ), unterminated subpattern"),
+])
+def test_targets_that_match_nothing_fail_naming_the_modules(root, targets, message):
+    from loramix.model import attach_lora
+
+    cfg = load_config(None, [f"model.name={family_dir(root, 'llama')}", "model.init=random", f"lora.targets={json.dumps(targets)}"])
+    with pytest.raises(LoramixError) as e:
+        attach_lora(load_base_model(cfg.model, 64), cfg.lora, 0)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.e2e
 def test_seed_preset_still_targets_the_seed_modules(cache_dir, capsys):
     assert main(["train", "-c", str(ROOT / "configs" / "seed.yaml"), "model.init=random", "data.local_dir=@demo",
                  f"data.cache_dir={cache_dir}", "lora.targets=auto", "--dry-run"]) == 0
@@ -240,6 +334,7 @@ def test_seed_preset_still_targets_the_seed_modules(cache_dir, capsys):
 # ------------------------------------------------------------------ tokenizers: bytes, BOS, completion-only loss
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["gpt2", "sentencepiece"])
 def test_bytes_counted_are_the_texts_bytes(kind, tmp_path):
     """Leading-space marks, byte-fallback pieces of multi-byte characters and special tokens: every
@@ -257,6 +352,7 @@ def test_bytes_counted_are_the_texts_bytes(kind, tmp_path):
         assert any(tok.convert_ids_to_tokens(int(i)).startswith("<0x") for t in tokens for i in t.ids)  # byte fallback was exercised
 
 
+@pytest.mark.unit
 def test_completion_only_loss_scores_the_answer(tmp_path, cache_dir):
     """squad with data.loss_on=completion: targets are the answer tokens and EOS, in training and in the metrics."""
     from loramix.data.prepare import prepare_data
@@ -270,10 +366,12 @@ def test_completion_only_loss_scores_the_answer(tmp_path, cache_dir):
     scored = tok.decode(seg.tokens[seg.first_target :].tolist())
     assert scored == answer + tok.eos_token
     assert int(seg.nbytes[seg.first_target :].sum()) == len(answer.encode("utf-8"))
-    whole = prepare_data(load_config(None, ["data.local_dir=@demo", "data.sources=[squad]", "data.cap=20", f"data.cache_dir={cache_dir}"]).data, tok, log=lambda *a: None)
+    whole = prepare_data(load_config(None, ["data.local_dir=@demo", "data.sources=[squad]", "data.cap=20", f"data.cache_dir={cache_dir}"]).data, tok,
+                         log=lambda *a: None)
     assert whole.train[0].first_target == 1 and data.train_targets.sum() < whole.train_targets.sum() / 3
 
 
+@pytest.mark.unit
 def test_chat_template_formats_prompt_and_completion(tmp_path):
     from loramix.data.sources import Document
     from loramix.data.tokens import tokenize_documents
@@ -290,6 +388,7 @@ def test_chat_template_formats_prompt_and_completion(tmp_path):
 # ------------------------------------------------------------------ PEFT variants and exact resume
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("variant", ["lora.use_dora=true", "lora.use_rslora=true", "lora.init=gaussian", "lora.init=pissa", "lora.init=olora"])
 def test_peft_variants_resume_eval_and_merge(root, cache_dir, tmp_path, monkeypatch, variant):
     """Each variant on Llama: a crashed-and-resumed run equals an uninterrupted one bit for bit, `eval`
@@ -297,17 +396,15 @@ def test_peft_variants_resume_eval_and_merge(root, cache_dir, tmp_path, monkeypa
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import loramix.checkpoint as ckpt
     from loramix.training import train
 
     cfg = load_config(None, overrides(root, "llama", cache_dir, variant, "train.max_steps=4", "checkpoint.every=2"))
     whole = train(cfg, tmp_path / "whole", log=lambda *a: None)
 
-    def crash(name):
-        if name == "step-3":
-            raise KeyboardInterrupt  # a crash after the step-2 checkpoint
+    def crash():
+        raise KeyboardInterrupt  # a crash after the step-2 checkpoint
 
-    monkeypatch.setattr(ckpt, "crash_point", crash)
+    kill_at(monkeypatch, "step-3", crash)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "resumed", log=lambda *a: None)
     monkeypatch.undo()
@@ -324,13 +421,14 @@ def test_peft_variants_resume_eval_and_merge(root, cache_dir, tmp_path, monkeypa
         torch.testing.assert_close(merged, _stock_adapter_model(tmp_path / "whole")(input_ids=torch.tensor(IDS)).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parity
 def test_killed_and_resumed_llama_run_is_bit_identical(root, cache_dir, tmp_path):
     args = ["train", *overrides(root, "llama", cache_dir, "train.max_steps=6", "checkpoint.every=2"),
             "--quiet"]
 
     def run(run_dir, crash=""):
         env = {**os.environ, "LORAMIX_CRASH_AT": crash}
-        return subprocess.run([sys.executable, "-m", "loramix", *args, "--run-dir", str(run_dir), "--resume"], env=env, capture_output=True, text=True)
+        return subprocess.run([sys.executable, CRASHING, *args, "--run-dir", str(run_dir), "--resume"], env=env, capture_output=True, text=True)
 
     assert run(tmp_path / "whole").returncode == 0
     assert run(tmp_path / "killed", crash="step-3").returncode == -signal.SIGKILL

@@ -5,8 +5,6 @@ import pytest
 
 from loramix.cli import main
 
-pytestmark = pytest.mark.unit
-
 
 def _gguf(path, architecture="llama"):
     import gguf
@@ -33,6 +31,7 @@ def _truncated(path):
     (lambda p: (p.write_text("not a gguf file at all\n"), p)[1], "{path} is not a whole GGUF file ("),
     (lambda p: _gguf(p, "bert"), "GGUF file {path} holds a 'bert' model, which transformers cannot dequantize"),
 ])
+@pytest.mark.unit
 def test_unusable_gguf_fails_in_one_line_and_writes_nothing(tmp_path, capsys, make, message):
     path = tmp_path / "base.gguf"
     make(path)
@@ -43,6 +42,7 @@ def test_unusable_gguf_fails_in_one_line_and_writes_nothing(tmp_path, capsys, ma
     assert not (tmp_path / "run").exists() and not list((cache / "gguf").glob("*"))
 
 
+@pytest.mark.unit
 def test_a_gguf_cannot_be_random_init(tmp_path, capsys):
     rc = main(["train", f"model.name={_gguf(tmp_path / 'b.gguf')}", "model.init=random", f"data.cache_dir={tmp_path}", "--dry-run"])
     assert rc == 2 and "model.init=random needs a model dir or Hub id, not a GGUF file" in capsys.readouterr().err

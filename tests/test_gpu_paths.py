@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from crashing import kill_at
 from safetensors.torch import load_file
 
 import loramix.training as tr
@@ -26,8 +27,6 @@ from loramix.runtime import Dist, autocast_for, init_distributed, resolve_device
 from loramix.training import train
 
 from conftest import ROOT, TINY, metric_rows, tiny_lora_model
-
-pytestmark = pytest.mark.parity
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
@@ -46,12 +45,12 @@ class _Killed(BaseException):
     """Stands for a SIGKILL at a crash point (BaseException: nothing in the loop handles it)."""
 
 
-def _kill_at(monkeypatch, point: str) -> None:
-    def crash(name):
-        if name == point:
-            raise _Killed(name)
+def _kill_at(monkeypatch, point: str):
+    """Raise _Killed at `point`; returns the function that disarms it."""
+    def crash():
+        raise _Killed(point)
 
-    monkeypatch.setattr(ckpt, "crash_point", crash)
+    return kill_at(monkeypatch, point, crash)
 
 
 def _inflate_loss_at(monkeypatch, steps: set[int], factor: float, seen: list) -> None:
@@ -107,6 +106,7 @@ def fp16_reference(request, tmp_path_factory, cache_dir):
     return request.param, run_dir, seen
 
 
+@pytest.mark.parity
 def test_fp16_runs_autocast_and_the_scaler_and_skips_an_overflowing_step(fp16_reference):
     _, run_dir, seen = fp16_reference
     assert set(seen) == {torch.float16} and len(seen) > 6  # every training forward (11 micro-batches), under fp16 autocast
@@ -121,24 +121,26 @@ def test_fp16_runs_autocast_and_the_scaler_and_skips_an_overflowing_step(fp16_re
     assert all(torch.isfinite(t).all() for t in after.values())
 
 
+@pytest.mark.parity
 def test_fp16_run_interrupted_after_an_overflow_resumes_exactly_with_its_scale(fp16_reference, monkeypatch, tmp_path, cache_dir):
     """This run builds its batches in a DataLoader worker process (train.prefetch=on), the reference inline:
     on a CPU the weights must still be bit-identical."""
     device, reference, _ = fp16_reference
     cfg = _cfg(cache_dir, device, "train.precision=fp16", "checkpoint.every=2", "train.prefetch=on")
     _inflate_loss_at(monkeypatch, {3}, 1e30, [])
-    _kill_at(monkeypatch, "step-5")  # checkpoints at steps 2 and 4; step 5 is done again
+    disarm = _kill_at(monkeypatch, "step-5")  # checkpoints at steps 2 and 4; step 5 is done again
     with pytest.raises(_Killed):
         train(cfg, tmp_path / "run", log=lambda *a: None)
     assert ckpt.latest_names(tmp_path / "run") == ["step-0000002", "step-0000004"]
     assert _state(tmp_path / "run", 4)["scaler"] == _state(reference, 4)["scaler"]
-    monkeypatch.setattr(ckpt, "crash_point", lambda name: None)
+    disarm()
     train(_cfg(cache_dir, device, "train.precision=fp16", "checkpoint.every=2", "train.prefetch=on", "train.resume=auto"),
           tmp_path / "run", log=lambda *a: None)
     _assert_same_run(tmp_path / "run", reference, exact=device == "cpu")
     assert _state(tmp_path / "run", 6)["scaler"] == _state(reference, 6)["scaler"]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_bf16_autocasts_skips_a_nonfinite_step_and_resumes_exactly(device, monkeypatch, tmp_path, cache_dir):
     """bf16 has no scaler: a non-finite step is caught by the gradient norm. Kept to 4 steps, since bf16
@@ -151,11 +153,11 @@ def test_bf16_autocasts_skips_a_nonfinite_step_and_resumes_exactly(device, monke
     assert [r["skipped_steps"] for r in metric_rows(tmp_path / "ref") if r["event"] == "train"] == [0, 1, 1, 1]
     assert all(torch.equal(a, b) for a, b in zip(_weights(tmp_path / "ref", 1).values(), _weights(tmp_path / "ref", 2).values()))
     assert _state(tmp_path / "ref", 4)["scaler"] == {}  # no scaler in bf16
-    _kill_at(monkeypatch, "step-3")
+    disarm = _kill_at(monkeypatch, "step-3")
     cut = _cfg(cache_dir, device, "train.precision=bf16", "train.max_steps=4", "checkpoint.every=2")
     with pytest.raises(_Killed):
         train(cut, tmp_path / "run", log=lambda *a: None)
-    monkeypatch.setattr(ckpt, "crash_point", lambda name: None)
+    disarm()
     train(_cfg(cache_dir, device, "train.precision=bf16", "train.max_steps=4", "checkpoint.every=2", "train.resume=auto"),
           tmp_path / "run", log=lambda *a: None)
     _assert_same_run(tmp_path / "run", tmp_path / "ref", exact=device == "cpu")
@@ -164,6 +166,7 @@ def test_bf16_autocasts_skips_a_nonfinite_step_and_resumes_exactly(device, monke
 # ------------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_compiled_body_matches_eager_and_does_not_recompile_every_step(device, monkeypatch, tmp_path, cache_dir):
     """1 layer, fp32, dropout off (compiled code draws other dropout masks than eager), micro-batches of 2
@@ -212,6 +215,7 @@ def _loop_for(cfg, data, device="cpu"):
     return types.SimpleNamespace(cfg=cfg, data=data, pad_id=50256, dist=Dist(), device=torch.device(device))
 
 
+@pytest.mark.parity
 def test_prefetch_worker_yields_the_inline_batches_in_the_same_order(cache_dir):
     from loramix.data.prepare import prepare_data
 
@@ -243,6 +247,7 @@ def _eval_rows(n=24, seed=0):
     return pack_eval_rows(docs, 64, packing=False)
 
 
+@pytest.mark.parity
 def test_eval_batch_search_backs_off_on_out_of_memory_and_keeps_the_metrics(monkeypatch):
     import loramix.evaluation as ev
 
@@ -273,6 +278,7 @@ def test_eval_batch_search_backs_off_on_out_of_memory_and_keeps_the_metrics(monk
         evaluate(model, rows, ["a", "b", "c"], "cpu", 50256, batch_size=8)
 
 
+@pytest.mark.parity
 def test_eval_batch_search_starts_at_128_rows_on_any_gpu():
     assert [first_batch_size(d) for d in ("cpu", torch.device("cuda", 1), "cuda:0")] == [8, 128, 128]
 
@@ -290,6 +296,7 @@ def two_fake_gpus(monkeypatch):
     return chosen
 
 
+@pytest.mark.parity
 def test_each_torchrun_process_gets_its_own_gpu_never_cuda_0(two_fake_gpus, monkeypatch):
     import torch.distributed as tdist
 
@@ -312,6 +319,7 @@ def test_each_torchrun_process_gets_its_own_gpu_never_cuda_0(two_fake_gpus, monk
     assert backends[-1] == "gloo"
 
 
+@pytest.mark.parity
 def test_device_cpu_stays_on_the_cpu_when_gpus_are_visible(two_fake_gpus, cache_dir):
     assert resolve_device("cpu", Dist(1, 2, 1)) == torch.device("cpu") and two_fake_gpus == []
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
@@ -325,6 +333,7 @@ def test_device_cpu_stays_on_the_cpu_when_gpus_are_visible(two_fake_gpus, cache_
 # ------------------------------------------------------------------- the GPU check itself
 
 
+@pytest.mark.parity
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA is told")
 def test_gpu_check_stops_with_one_line_without_cuda(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "data"), str(tmp_path / "out")],
@@ -359,6 +368,7 @@ def _rel(a, b) -> float:
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
 
 
+@pytest.mark.parity
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_packed_documents_have_the_states_and_losses_they_have_alone_on_gpu(precision):
@@ -386,6 +396,7 @@ def test_packed_documents_have_the_states_and_losses_they_have_alone_on_gpu(prec
     assert min(leaks) > 3 * TOLERANCE[precision]  # the check can fail: without the mask the states differ (by 0.18 on CPU)
 
 
+@pytest.mark.parity
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_merged_model_matches_the_adapter_on_gpu(precision):
@@ -408,6 +419,7 @@ def test_merged_model_matches_the_adapter_on_gpu(precision):
     assert _rel(base, adapter) > 10 * TOLERANCE[precision]
 
 
+@pytest.mark.parity
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_flash_attention_varlen_matches_sdpa_on_gpu(precision):

@@ -10,14 +10,13 @@ from loramix import batching
 from loramix.config import load_config
 from loramix.model import base_fingerprint, load_base_model, pack_linears, unwrap
 
-pytestmark = pytest.mark.unit
-
 
 def tiny_gpt2():
     cfg = load_config(None, ["model.init=random", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"])
     return load_base_model(cfg.model, 64).eval()
 
 
+@pytest.mark.unit
 def test_the_packed_head_gives_the_stock_logits_and_keeps_the_weights():
     model = tiny_gpt2()
     ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -33,6 +32,7 @@ def test_the_packed_head_gives_the_stock_logits_and_keeps_the_weights():
     assert set(model.state_dict()) == keys and base_fingerprint(model) == fingerprint
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dora", [False, True])
 def test_packed_base_layers_under_lora_give_the_same_logits(dora):
     """A Llama-shaped layer whose MLP projections are large enough to pack, LoRA (or DoRA) on attention and MLP:
@@ -55,11 +55,13 @@ def test_packed_base_layers_under_lora_give_the_same_logits(dora):
         torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.unit
 def test_layers_it_cannot_pack_are_left_alone():
     half = tiny_gpt2().to(torch.bfloat16)
     assert pack_linears(half) == 0 and type(half.lm_head) is torch.nn.Linear
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("vocab", [50257, 1000, 128, 129, 64])
 def test_chunked_greedy_and_top_k_equal_argmax_and_topk(vocab):
     gen = torch.Generator().manual_seed(vocab)
@@ -82,6 +84,7 @@ def test_chunked_greedy_and_top_k_equal_argmax_and_topk(vocab):
                     assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["gpt2", "sentencepiece", "bytelevel", "opt"])
 def test_text_decoded_a_few_tokens_at_a_time_equals_decoding_them_all(kind):
     """After every token: accents, emoji split over byte tokens, SentencePiece's leading spaces, random ids."""

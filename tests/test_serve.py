@@ -24,8 +24,6 @@ from loramix.training import train
 
 from conftest import ROOT, TINY
 
-pytestmark = pytest.mark.e2e
-
 openai = pytest.importorskip("openai")
 PROMPTS = ("Once upon a time", "The market")
 quiet = lambda *a: None
@@ -58,6 +56,7 @@ def server(adapter_dirs):
         yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0), srv.url, expected, engine
 
 
+@pytest.mark.e2e
 def test_completions_per_adapter(server):
     client, _, expected, _ = server
     for name in ("alpha", "beta"):
@@ -70,6 +69,7 @@ def test_completions_per_adapter(server):
     assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [expected["beta", p] for p in PROMPTS]
 
 
+@pytest.mark.e2e
 def test_streaming_equals_non_streaming(server):
     client, _, expected, _ = server
     chunks = list(client.completions.create(model="beta", prompt="The market", max_tokens=8, temperature=0, stream=True,
@@ -78,6 +78,7 @@ def test_streaming_equals_non_streaming(server):
     assert chunks[-2].choices[0].finish_reason in ("length", "stop") and chunks[-1].usage.prompt_tokens == 2
 
 
+@pytest.mark.e2e
 def test_concurrent_requests_share_batches_and_never_mix(server):
     client, url, expected, _ = server
     jobs = [(name, prompt) for name in ("alpha", "beta") for prompt in PROMPTS] * 2
@@ -99,6 +100,7 @@ def test_concurrent_requests_share_batches_and_never_mix(server):
     assert 'loramix_requests_total{route="/v1/completions",status="200"}' in text
 
 
+@pytest.mark.e2e
 def test_chat_needs_a_template_and_then_works(server):
     client, _, _, engine = server
     messages = [{"role": "user", "content": "Once upon a time"}]
@@ -116,6 +118,7 @@ def test_chat_needs_a_template_and_then_works(server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].text
 
 
+@pytest.mark.e2e
 def test_bad_requests_get_4xx_with_a_message(server):
     client, url, _, _ = server
     with pytest.raises(openai.NotFoundError, match="model 'gamma' is not served"):
@@ -152,6 +155,7 @@ def test_bad_requests_get_4xx_with_a_message(server):
         assert json.loads(r.read()) == {"status": "ok"}
 
 
+@pytest.mark.e2e
 def test_a_failing_request_fails_alone(server, monkeypatch):
     client, _, expected, _ = server
 
@@ -219,6 +223,7 @@ def _post(url: str, body: dict):
         return e.code, e.headers, json.loads(e.read())
 
 
+@pytest.mark.e2e
 def test_a_full_queue_answers_429_and_the_queued_complete(slow_server):
     url, engine, gate, _ = slow_server
     body = {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
@@ -235,6 +240,7 @@ def test_a_full_queue_answers_429_and_the_queued_complete(slow_server):
     assert [a[0] for a in answers] == [200, 200] and answers[0][2]["choices"] == answers[1][2]["choices"]
 
 
+@pytest.mark.e2e
 def test_a_client_that_leaves_frees_its_slot(slow_server):
     url, engine, gate, seqs = slow_server
     gate.set()
@@ -253,6 +259,7 @@ def test_a_client_that_leaves_frees_its_slot(slow_server):
         assert seqs[n].cancelled and len(seqs[n].tokens) < 32
 
 
+@pytest.mark.e2e
 def test_a_stalled_client_holds_neither_the_engine_nor_the_others(adapter_dirs, monkeypatch):
     """A streaming client whose connection takes no more bytes (its sends never return): its row still runs to
     its end and leaves, and a request sent meanwhile is answered."""

@@ -15,7 +15,7 @@ from loramix.config import TrackConfig
 from loramix.errors import LoramixError
 from loramix.tracking import EventLog, _last_steps, _Sink, check_trackers
 
-from conftest import ROOT
+from conftest import CRASHING, ROOT
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
@@ -120,7 +120,7 @@ def test_wandb_mlflow_and_tensorboard_stay_one_run_across_a_kill(tmp_path, cache
     quiet_wandb = {"WANDB_SILENT": "true", "WANDB_X_DISABLE_STATS": "true", "WANDB_X_DISABLE_META": "true", "WANDB_DISABLE_GIT": "true",
                    "WANDB_CONSOLE": "off", "WANDB_X_SAVE_REQUIREMENTS": "false"}
     env = {**os.environ, **quiet_wandb, "WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true"}
-    cmd = [sys.executable, "-m", "loramix", "train", "-c", DEMO, "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+    cmd = [sys.executable, CRASHING, "train", "-c", DEMO, "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
            "data.cap=24", "data.seq_len=64", f"data.cache_dir={cache_dir}", "data.sources=[tinystories, squad]", "train.max_steps=6",
            "train.micro_batch=2", "train.grad_accum=1", "train.log_every=1", "train.eval_every=2", "checkpoint.every=2",
            "eval.base_compare=false", "track.wandb=true", "track.mlflow=true", "track.project=loramix-test",

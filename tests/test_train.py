@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,15 +17,15 @@ from loramix.training import lr_at, train
 
 from conftest import REAL_DATA, ROOT, TINY, tiny_lora_model
 
-pytestmark = pytest.mark.e2e
 
-
+@pytest.mark.unit
 def test_schedule_warmup_then_linear_decay():
     lrs = [lr_at(s, total=10, warmup=4, peak=1.0) for s in range(10)]
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert lr_at(0, total=3, warmup=100, peak=3e-4) == pytest.approx(3e-6)
 
 
+@pytest.mark.unit
 def test_metric_math():
     m = Metrics.of(nll=2 * math.log(2) * 10, tokens=10, nbytes=40)
     assert m.loss == pytest.approx(2 * math.log(2))
@@ -42,6 +43,7 @@ def _rows(lengths, seed=0):
     return [[Segment(i % 3, rng.integers(0, 50000, n).astype(np.int32))] for i, n in enumerate(lengths)]
 
 
+@pytest.mark.parity
 def test_accumulation_is_token_exact():
     """Two uneven micro-batches normalised by the window's tokens give the one-batch gradient."""
     rows = _rows([30, 5, 12, 40])
@@ -57,6 +59,7 @@ def test_accumulation_is_token_exact():
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parity
 def test_eval_loss_independent_of_batch_size():
     model = _tiny_model()
     rows = _rows([30, 5, 12, 40, 7, 19])
@@ -67,6 +70,7 @@ def test_eval_loss_independent_of_batch_size():
     assert results[0].overall.tokens == sum([29, 4, 11, 39, 6, 18])
 
 
+@pytest.mark.parity
 def test_token_nll_equals_full_logits_cross_entropy():
     model = _tiny_model()
     batch = collate(_rows([30, 5, 12]), 50256)
@@ -82,9 +86,11 @@ def test_token_nll_equals_full_logits_cross_entropy():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk, softcap", [(1, None), (7, None), (1000, None), (7, 3.0)])
-def test_fused_head_loss_and_gradient(chunk, softcap):
-    """The fused head against autograd through plain logits, with Gemma 2's soft-capping too."""
+@pytest.mark.unit
+@pytest.mark.parametrize("chunk, softcap, scale", [(1, None, 1.0), (7, None, 1.0), (1000, None, 1.0), (7, 3.0, 1.0), (7, None, 0.125), (7, 3.0, 4.0)])
+def test_fused_head_loss_and_gradient(chunk, softcap, scale):
+    """The fused head against autograd through plain logits, with Gemma 2's soft-capping and Granite's or
+    Cohere's logit scaling too."""
     from loramix.loss import LinearCrossEntropy
 
     torch.manual_seed(0)
@@ -92,9 +98,9 @@ def test_fused_head_loss_and_gradient(chunk, softcap):
     w = torch.randn(50, 16)
     t = torch.randint(0, 50, (23,))
     upstream = torch.rand(23)
-    ours = LinearCrossEntropy.apply(h, w, t, chunk, softcap)
+    ours = LinearCrossEntropy.apply(h, w, t, chunk, softcap, scale)
     (g_ours,) = torch.autograd.grad((ours * upstream).sum(), h)
-    logits = h @ w.T
+    logits = (h @ w.T) * scale
     ref = torch.nn.functional.cross_entropy(softcap * torch.tanh(logits / softcap) if softcap else logits, t, reduction="none")
     (g_ref,) = torch.autograd.grad((ref * upstream).sum(), h)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
@@ -104,9 +110,11 @@ def test_fused_head_loss_and_gradient(chunk, softcap):
 # ------------------------------------------------------------------ end to end
 
 
+@pytest.mark.e2e
 def test_run_dir_files_and_metric_rows(tiny_run):
     d = tiny_run.run_dir
-    assert sorted(p.name for p in d.iterdir()) == ["adapter", "checkpoints", "config.yaml", "eval.json", "manifest.json", "metrics.jsonl", "run.json", "tensorboard"]
+    assert sorted(p.name for p in d.iterdir()) == ["adapter", "checkpoints", "config.yaml", "eval.json", "manifest.json", "metrics.jsonl", "run.json",
+                                                   "tensorboard"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (d / "adapter").iterdir()}
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     plan = tiny_run.plan
@@ -130,9 +138,14 @@ def test_run_dir_files_and_metric_rows(tiny_run):
     assert final["samples_per_s"] > 0 and final["tokens_per_s"] > 0 and final["rows"] < final["samples"]
     manifest = json.loads((d / "manifest.json").read_text())["sources"]
     assert sum(s["val"] for s in manifest.values()) == final["samples"]
-    assert json.loads((d / "run.json").read_text())["status"] == "finished"
+    status = json.loads((d / "run.json").read_text())
+    assert status["status"] == "finished"
+    probe = status["probe"]  # the exactness probe's verdict on the run's own model
+    assert probe["loss_exact"] and probe["packing_exact"] and probe["loss_diff"] < 1e-5 and probe["packed_diff"] < 1e-5
+    assert (probe["model_type"], probe["attention"], probe["documents"]) == ("gpt2", "sdpa", 3)
 
 
+@pytest.mark.e2e
 def test_adapter_loads_in_stock_peft_with_same_logits(tiny_run):
     from peft import PeftModel
 
@@ -147,6 +160,7 @@ def test_adapter_loads_in_stock_peft_with_same_logits(tiny_run):
     assert any(p.abs().sum() > 0 for p in lora_b)  # the adapter trained: B starts at zero
 
 
+@pytest.mark.e2e
 def test_eval_command_reproduces_eval_json(tiny_run, tmp_path, capsys):
     out = tmp_path / "again.json"
     assert main(["eval", str(tiny_run.run_dir), "--out", str(out), "--quiet"]) == 0
@@ -157,8 +171,11 @@ def test_eval_command_reproduces_eval_json(tiny_run, tmp_path, capsys):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
         assert a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
     assert "overall" in capsys.readouterr().out
+    assert main(["eval", str(tiny_run.run_dir), "--out", str(out)]) == 0
+    assert "exactness probe: loss == the model's own" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_eval_applies_scoring_overrides_and_records_them(tiny_run, tmp_path):
     """`eval RUN data.packing=false` scores one document per row: the same tokens and loss, and says so."""
     out = tmp_path / "unpacked.json"
@@ -172,12 +189,14 @@ def test_eval_applies_scoring_overrides_and_records_them(tiny_run, tmp_path):
     assert unpacked["overall"]["loss"] == pytest.approx(saved["overall"]["loss"], rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_eval_refuses_overrides_of_what_was_trained(tiny_run, capsys):
     assert main(["eval", str(tiny_run.run_dir), "data.seq_len=32"]) == 2
     err = capsys.readouterr().err.strip()
     assert "data.seq_len=32 would change what the run trained on, so eval cannot apply it" in err and "\n" not in err
 
 
+@pytest.mark.e2e
 def test_eval_scores_an_adapter_on_a_random_init_base(tiny_run, tmp_path, cache_dir):
     """A PEFT adapter dir whose base is a size-overridden random init: the model.* overrides build that base
     (they used to be replaced by the adapter's base name alone, which loaded pretrained gpt2)."""
@@ -194,6 +213,7 @@ def test_eval_scores_an_adapter_on_a_random_init_base(tiny_run, tmp_path, cache_
     assert scored["overall"]["loss"] == pytest.approx(tiny_run.eval.overall.loss, rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_same_config_same_result(tiny_run, tmp_path, cache_dir):
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
@@ -201,17 +221,20 @@ def test_same_config_same_result(tiny_run, tmp_path, cache_dir):
     assert again.eval.overall.loss == tiny_run.eval.overall.loss
 
 
+@pytest.mark.e2e
 def test_seed_dry_run_plan(capsys, cache_dir):
     rc = main(["train", "-c", str(ROOT / "configs" / "seed.yaml"), "model.init=random", "data.local_dir=@demo",
                f"data.cache_dir={cache_dir}", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "trainable parameters 811,008 of 125,250,816 (0.65%)" in out
+    assert "trainable parameters 811,008 of 125,250,816 (0.65%); LoRA on c_attn, c_proj" in out
+    assert re.search(r"exactness probe: loss == the model's own \d\.\de[-+]\d\d, packed row == documents alone \d\.\de[-+]\d\d \(", out)
     assert "squad              train    102  val    18" in out
     assert "batch: 32 documents per optimizer step (train.batch_unit=docs) = micro_batch 4 x grad_accum 8 x 1 process; at most 4 rows per forward pass" in out
     assert "optimizer steps per epoch x 3 epochs" in out
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real")
 def test_seed_dry_run_on_real_samples(capsys, cache_dir, tmp_path):
     rc = main(["train", "-c", str(ROOT / "configs" / "seed.yaml"), "model.init=random", f"data.local_dir={REAL_DATA}",
@@ -223,11 +246,13 @@ def test_seed_dry_run_on_real_samples(capsys, cache_dir, tmp_path):
     assert "trainable parameters 811,008 of 125,250,816" in out
 
 
+@pytest.mark.e2e
 def test_max_steps_caps_the_plan(capsys, cache_dir):
     assert main(["train", "-c", str(ROOT / "configs" / "demo.yaml"), f"data.cache_dir={cache_dir}", "train.max_steps=5", "--dry-run"]) == 0
     assert "-> 5 optimizer steps (capped by train.max_steps=5)" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_default_run_dir_never_reuses_a_run(tmp_path):
     from loramix.artifacts import default_run_dir
 
@@ -238,6 +263,7 @@ def test_default_run_dir_never_reuses_a_run(tmp_path):
     assert default_run_dir("demo", tmp_path) == tmp_path / "demo-2"
 
 
+@pytest.mark.unit
 @pytest.mark.unit
 def test_lora_dropout_drops_p_and_keeps_the_expectation():
     from loramix.model import LoraDropout
@@ -257,6 +283,7 @@ def test_lora_dropout_drops_p_and_keeps_the_expectation():
 
 
 @pytest.mark.unit
+@pytest.mark.unit
 def test_attach_lora_fuses_dropout_into_lora_a_except_for_dora():
     from loramix.model import DroppedLinear, LoraDropout
 
@@ -271,7 +298,7 @@ def test_attach_lora_fuses_dropout_into_lora_a_except_for_dora():
     assert not any(isinstance(m, DroppedLinear | LoraDropout | torch.nn.Dropout) for n, m in none.named_modules() if "lora_" in n)
 
 
-@pytest.mark.unit
+@pytest.mark.parity
 def test_dropped_linear_equals_dropout_then_linear():
     """Output and both gradients equal those of the unfused dropout(x) @ A.T under the same mask."""
     from loramix.model import DroppedLinear, LoraDropout

@@ -1,4 +1,4 @@
-"""Tiny random-init model dirs of every supported family, built offline: a config.json from the family's
+"""Tiny random-init model dirs of every family CI proves (the README's table), built offline: a config.json from the family's
 own `transformers` config class (2 layers, width 32, short sliding windows where the family has them)
 and a small tokenizer of the family's kind, trained here with the `tokenizers` library on generated
 text: SentencePiece-style BPE with byte fallback and a BOS (Llama, Mistral, Gemma, Phi-3), byte-level
@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import functools
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 WINDOW = 16  # sliding window, shorter than the test documents: packing must carry it
 VOCAB = 512
 _SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
           "vocab_size": VOCAB, "max_position_embeddings": 256}
-_SP = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+_SP = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}  # SentencePiece-style ids
+_BL = {"bos_token_id": 0, "eos_token_id": 0}  # byte-level BPE's <|endoftext|>
 
 # model_type -> (config class name, its settings, tokenizer kind)
 FAMILY_CONFIGS = {
@@ -33,6 +35,54 @@ FAMILY_CONFIGS = {
     "opt": ("OPTConfig", {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": VOCAB,
                           "word_embed_proj_dim": 32, "max_position_embeddings": 256, "bos_token_id": 2, "eos_token_id": 2,
                           "pad_token_id": 1}, "opt"),
+    "falcon": ("FalconConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": VOCAB, **_BL}, "bytelevel"),
+    "stablelm": ("StableLmConfig", {**_SIZES, **_BL}, "bytelevel"),
+    "olmo2": ("Olmo2Config", {**_SIZES, **_BL, "pad_token_id": None}, "bytelevel"),
+    # Granite and Cohere scale their logits; Granite also its embeddings, residuals and attention scores.
+    "granite": ("GraniteConfig", {**_SIZES, **_BL, "logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.25}, "bytelevel"),
+    "cohere": ("CohereConfig", {**_SIZES, **_BL, "pad_token_id": None, "logit_scale": 0.25}, "bytelevel"),
+    "phi": ("PhiConfig", {**_SIZES, **_BL, "partial_rotary_factor": 0.5}, "bytelevel"),  # its LM head has a bias
+    "starcoder2": ("Starcoder2Config", {**_SIZES, **_BL, "sliding_window": WINDOW}, "bytelevel"),
+    "gpt_bigcode": ("GPTBigCodeConfig", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256, "vocab_size": VOCAB, **_BL}, "bytelevel"),
+    "gptj": ("GPTJConfig", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256, "vocab_size": VOCAB, "rotary_dim": 4, **_BL}, "bytelevel"),
+    "mixtral": ("MixtralConfig", {**_SIZES, **_SP, "num_local_experts": 4, "num_experts_per_tok": 2}, "sentencepiece"),
+    "smollm3": ("SmolLM3Config", {**_SIZES, **_BL, "pad_token_id": None}, "bytelevel"),
+    "gemma": ("GemmaConfig", {**_SIZES, **_SP, "head_dim": 8}, "sentencepiece"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model type CI proves on a tiny model (tests/test_families.py): the README's family table."""
+
+    name: str  # as the README's table names it
+    example: str  # a Hub id of the family
+
+
+FAMILIES = {
+    "gpt2": Family("GPT-2", "gpt2"),
+    "llama": Family("Llama (SmolLM, TinyLlama, Llama 3)", "HuggingFaceTB/SmolLM2-135M"),
+    "mistral": Family("Mistral", "mistralai/Mistral-7B-v0.3"),
+    "qwen2": Family("Qwen2", "Qwen/Qwen2.5-0.5B"),
+    "qwen3": Family("Qwen3", "Qwen/Qwen3-0.6B"),
+    "gemma2": Family("Gemma 2", "google/gemma-2-2b"),
+    "gemma3_text": Family("Gemma 3", "google/gemma-3-270m"),
+    "phi3": Family("Phi-3", "microsoft/Phi-3-mini-4k-instruct"),
+    "gpt_neox": Family("GPT-NeoX (Pythia)", "EleutherAI/pythia-70m"),
+    "opt": Family("OPT", "facebook/opt-125m"),
+    "falcon": Family("Falcon", "tiiuae/falcon-rw-1b"),
+    "stablelm": Family("StableLM", "stabilityai/stablelm-2-1_6b"),
+    "olmo2": Family("OLMo 2", "allenai/OLMo-2-0425-1B"),
+    "granite": Family("Granite", "ibm-granite/granite-3.3-2b-base"),
+    "cohere": Family("Cohere (Command R)", "CohereForAI/c4ai-command-r-v01"),
+    "phi": Family("Phi-1/2", "microsoft/phi-2"),
+    "starcoder2": Family("StarCoder2", "bigcode/starcoder2-3b"),
+    "gpt_bigcode": Family("GPTBigCode (SantaCoder, StarCoder)", "bigcode/tiny_starcoder_py"),
+    "gptj": Family("GPT-J", "EleutherAI/gpt-j-6b"),
+    "mixtral": Family("Mixtral (mixture of experts)", "mistralai/Mixtral-8x7B-v0.1"),
+    "smollm3": Family("SmolLM3", "HuggingFaceTB/SmolLM3-3B"),
+    "gemma": Family("Gemma", "google/gemma-2b"),
 }
 
 

@@ -13,7 +13,7 @@ Kinds of directory:
     runs/<name>/
       config.yaml        resolved config (what `eval`, `merge`, `report` rebuild from)
       manifest.json      per-source counts and hashes of the selected example ids
-      run.json           status (running / finished / failed), versions, hardware, plan, base fingerprint
+      run.json           status (running / finished / failed), versions, hardware, plan, probe verdict, base fingerprint
       metrics.jsonl      one JSON object per logged event (train / eval)
       adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors + README.md (model card)
       trackers.json      the W&B / MLflow run ids a resume continues (with track.wandb or track.mlflow)
@@ -36,6 +36,7 @@ from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult
 from loramix.files import read_json, replacing, write_atomic, write_json
 from loramix.model import base_fingerprint, check_vocabulary, load_adapter, load_base_model, load_tokenizer
+from loramix.probe import Verdict, probe, settle_packing
 from loramix.tracking import read_metrics
 
 RUN, ADAPTER, MODEL, GGUF = "run", "adapter", "model", "gguf"
@@ -96,13 +97,36 @@ def adapter_base(adapter_dir: Path) -> str | None:
     return read_json(Path(adapter_dir) / _MARKERS[ADAPTER]).get("base_model_name_or_path") or None
 
 
-def load_inputs(cfg: Config, log=print):
-    """Tokenizer, prepared data and base model of a config: `train` and `eval` see the same data.
-    The model comes first, so a model that cannot be used fails before any data is read."""
-    model = load_base_model(cfg.model, cfg.data.seq_len, cfg.data.cache_dir)
+@dataclass
+class Inputs:
+    """What `train` and `eval` start from: the same tokenizer, model, probe verdict and data."""
+
+    tokenizer: object
+    model: object  # the base with its adapter attached, on the device it runs on
+    base_fingerprint: str
+    verdict: Verdict
+    cfg: Config  # the config asked for, with data.packing settled by the probe (what the data was prepared with)
+    data: object
+
+
+def load_inputs(cfg: Config, attach, device="cpu", log=print) -> Inputs:
+    """Base model, tokenizer, `attach(base)` (the adapter), the exactness probe on the result, then the
+    data prepared as the verdict allows. The model comes first, so a model that cannot be used fails
+    before any data is read.
+
+    Raises:
+        LoramixError: a model or tokenizer that cannot be loaded, or one the probe finds inexact (see
+            `probe.settle_packing`).
+    """
+    base = load_base_model(cfg.model, cfg.data.seq_len, cfg.data.cache_dir)
     tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
-    check_vocabulary(model, tokenizer)
-    return tokenizer, prepare_data(cfg.data, tokenizer, log, cfg.eval.forgetting_sources), model
+    check_vocabulary(base, tokenizer)
+    fingerprint = base_fingerprint(base)
+    model = attach(base).to(device)
+    verdict = probe(model)
+    settled = settle_packing(cfg, verdict, log)
+    data = prepare_data(settled.data, tokenizer, log, cfg.eval.forgetting_sources)
+    return Inputs(tokenizer, model, fingerprint, verdict, settled, data)
 
 
 def base_model_config(source: Path) -> tuple[ModelConfig, int, str]:

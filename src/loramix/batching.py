@@ -304,8 +304,13 @@ class Scheduler:
 def _mixes_adapters(model) -> bool:
     """Whether PEFT's mixed-adapter batches work on this model: every adapted module must see the batch
     as its first dimension (OPT's MLP sees batch x tokens, which PEFT refuses). Probed with hooks of our
-    own on a plain forward (a refused mixed forward would leave PEFT's hooks behind)."""
+    own on a plain forward (a refused mixed forward would leave PEFT's hooks behind). LoRA on MoE expert
+    weights (PEFT's ParamWrapper) takes no mixed batches at all."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    if any(isinstance(m, ParamWrapper) for m in model.modules()):
+        return False
 
     rows: set[int] = set()
     handles = [m.register_forward_pre_hook(lambda mod, args: rows.add(args[0].shape[0])) for m in model.modules() if isinstance(m, LoraLayer)]

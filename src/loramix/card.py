@@ -72,7 +72,8 @@ def _describe_base(cfg: Config) -> str:
     if m.init == "pretrained":
         return f"`{m.name}`"
     sizes = ", ".join(f"{k}={getattr(m, k)}" for k in ("n_layer", "n_embd", "n_head") if getattr(m, k))
-    return f"a randomly initialised `{m.name}` architecture ({sizes + ', ' if sizes else ''}model.seed={m.seed}), which loramix rebuilds from the run's config.yaml"
+    return (f"a randomly initialised `{m.name}` architecture ({sizes + ', ' if sizes else ''}model.seed={m.seed}), "
+            "which loramix rebuilds from the run's config.yaml")
 
 
 def _training(cfg: Config, result: EvalResult | None, targets: list[str], trainable: int | None) -> str:
@@ -82,8 +83,10 @@ def _training(cfg: Config, result: EvalResult | None, targets: list[str], traina
     cap = f", at most {t.max_steps} steps" if t.max_steps else ""
     return "\n".join([
         f"- LoRA r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, bias {lo.bias}, on {', '.join(targets)}{params}",
-        f"- {steps} ({t.epochs} epoch(s){cap}); AdamW, peak learning rate {t.lr}, weight decay {t.weight_decay}, {t.warmup_steps} warmup steps then linear decay",
-        f"- batches of {t.micro_batch} x {t.grad_accum} ({t.batch_unit}); {d.seq_len}-token sequences, packing {'on' if d.packing else 'off'}; seeds: data {d.seed}, training {t.seed}",
+        f"- {steps} ({t.epochs} epoch(s){cap}); AdamW, peak learning rate {t.lr}, weight decay {t.weight_decay}, {t.warmup_steps} warmup steps then linear "
+        "decay",
+        f"- batches of {t.micro_batch} x {t.grad_accum} ({t.batch_unit}); {d.seq_len}-token sequences, packing {'on' if d.packing else 'off'}; seeds: data "
+        f"{d.seed}, training {t.seed}",
     ])
 
 
@@ -92,7 +95,8 @@ def _data_table(cfg: Config, manifest: dict) -> str:
     for name, spec in cfg.data.sources.items():
         m = manifest.get("sources", {}).get(name, {})
         path = source_path(name, spec, cfg.data)
-        dataset = f"local file {path.name}" if path else f"[{spec.hub_id}](https://huggingface.co/datasets/{spec.hub_id})" + (f" ({spec.subset})" if spec.subset else "")
+        hub = f"[{spec.hub_id}](https://huggingface.co/datasets/{spec.hub_id})" + (f" ({spec.subset})" if spec.subset else "")
+        dataset = f"local file {path.name}" if path else hub
         rows.append([name, dataset, m.get("revision") or "n/a", str(m.get("train", "?")), str(m.get("val", "?")), str(spec.weight)])
     return markdown_table(["source", "dataset", "revision", "train", "validation", "weight"], rows)
 
@@ -117,7 +121,8 @@ def _usage(loader: str | None, merged: bool) -> str:
     if merged:
         code = 'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID")'
     elif loader:
-        code = f'from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nbase = {loader}\nmodel = PeftModel.from_pretrained(base, "PATH_OR_REPO_ID")'
+        code = (f'from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nbase = {loader}\n'
+                'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_ID")')
     else:
         return "The base model is not published: use the adapter from its run dir with loramix (`loramix generate RUN_DIR --prompt ...`)."
     return f"```python\n{code}\n```"

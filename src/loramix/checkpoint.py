@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,12 +48,6 @@ class TrainState:
     eval_batch: int | None = None
     val_loss: float | None = None  # of the evaluation at this step, if one ran
     metrics_bytes: int = 0
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the crash tests: LORAMIX_CRASH_AT=<name> kills the process right here."""
-    if os.environ.get("LORAMIX_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -91,12 +83,12 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, 
             save_file({f"{k}_{rank}": v for rank, st in enumerate(rng_states) for k, v in st.items()}, tmp / "rng.safetensors")
             extra = {"scaler": scaler.state_dict(), "python_rng": _py_rng(), "numpy_rng": _np_rng(), "world_size": len(rng_states), **fingerprints}
             (tmp / "state.json").write_text(json.dumps({**asdict(state), **extra}, indent=1))
-            crash_point(f"checkpoint-{state.step}-partial")
             (tmp / "checksums.json").write_text(json.dumps({f: _sha256(tmp / f) for f in _FILES}, indent=1))
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
         previous = latest_names(run_dir)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise LoramixError(f"cannot write checkpoint {final} ({getattr(e, 'strerror', None) or e}); free disk space or fix permissions, then resume with --resume; {kept}") from e
+        raise LoramixError(f"cannot write checkpoint {final} ({getattr(e, 'strerror', None) or e}); free disk space or fix permissions, then resume with "
+                           f"--resume; {kept}") from e
     _prune(root, keep)
     return final
 
@@ -170,22 +162,26 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: dict, ra
     for key, value in fingerprints.items():
         if raw.get(key) != value:
             what = "base model weights" if key == "base_fingerprint" else "config"
-            raise LoramixError(f"checkpoint {path} was made with different {what} ({key} {raw.get(key)} != {value}); resume with the run's own config and base model")
+            raise LoramixError(f"checkpoint {path} was made with different {what} ({key} {raw.get(key)} != {value}); resume with the run's own config and "
+                               "base model")
     saved = load_file(path / "trainable.safetensors")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if saved.keys() != params.keys():
         extra, missing = sorted(saved.keys() - params.keys()), sorted(params.keys() - saved.keys())
-        raise LoramixError(f"checkpoint {path} does not fit this model: it has {extra[:3]} the model lacks, lacks {missing[:3]}; resume with the run's own model and lora settings")
+        raise LoramixError(f"checkpoint {path} does not fit this model: it has {extra[:3]} the model lacks, lacks {missing[:3]}; resume with the run's own "
+                           "model and lora settings")
     for name, p in params.items():
         if saved[name].shape != p.shape:
-            raise LoramixError(f"checkpoint {path} does not fit this model: {name} is {tuple(saved[name].shape)} there, {tuple(p.shape)} here; resume with the run's own lora.r and model size")
+            raise LoramixError(f"checkpoint {path} does not fit this model: {name} is {tuple(saved[name].shape)} there, {tuple(p.shape)} here; resume with "
+                               "the run's own lora.r and model size")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
     try:
         optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise LoramixError(f"checkpoint {path}/optimizer.pt holds more than tensors and numbers ({type(e).__name__}); it was not loaded, delete that checkpoint") from e
+        raise LoramixError(f"checkpoint {path}/optimizer.pt holds more than tensors and numbers ({type(e).__name__}); it was not loaded, delete that "
+                           "checkpoint") from e
     optimizer.load_state_dict(optim_state)
     scaler.load_state_dict(raw.pop("scaler"))
     rng = load_file(path / "rng.safetensors")

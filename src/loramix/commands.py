@@ -109,8 +109,9 @@ def evaluate(source: str | Path, preset: str | Path | None = None, overrides: li
     cfg = eval_config(source, preset, overrides)
     dist = init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device, dist)
-    tokenizer, data, base = artifacts.load_inputs(cfg, log)
-    model = artifacts.attach_trained(source, base)
+    inputs = artifacts.load_inputs(cfg, lambda base: artifacts.attach_trained(source, base), device, log)
+    tokenizer, data, model = inputs.tokenizer, inputs.data, inputs.model
+    log(inputs.verdict.describe())
     comparing = cfg.eval.base_compare or data.forgetting_rows
     # Merged into the base weights in memory, evaluation pays nothing for the LoRA side path; the
     # forgetting check needs the adapter switchable, so it keeps it apart.

@@ -89,16 +89,20 @@ def F(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclas
 
 @_section
 class ModelConfig:
-    name: str = F("gpt2", "base model: a Hugging Face Hub id, a local model directory (GPT-2, Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-NeoX, OPT) or a local .gguf file")
-    gguf_file: str | None = F(None, "a .gguf file in the Hub repo (or local dir) model.name, e.g. SmolLM2-135M-Instruct.Q4_1.gguf; dequantized once into data.cache_dir")
-    init: Choice[Literal["pretrained", "random"]] = F("pretrained", "'pretrained' loads weights; 'random' builds the same architecture with seeded random weights")
+    name: str = F("gpt2", "base model: a Hugging Face Hub id, a local model directory (any causal LM transformers builds; the exactness probe checks it) or "
+                          "a local .gguf file")
+    gguf_file: str | None = F(None, "a .gguf file in the Hub repo (or local dir) model.name, e.g. SmolLM2-135M-Instruct.Q4_1.gguf; dequantized once into "
+                                    "data.cache_dir")
+    init: Choice[Literal["pretrained", "random"]] = F("pretrained", "'pretrained' loads weights; 'random' builds the same architecture with seeded random "
+                                                                    "weights")
     n_layer: Positive[Int] | None = F(None, "GPT-2: override the number of layers (random init only)")
     n_embd: Positive[Int] | None = F(None, "GPT-2: override the hidden width (random init only)")
     n_head: Positive[Int] | None = F(None, "GPT-2: override the number of attention heads (random init only)")
     config: dict[str, Any] = F(doc="random init only: the family's own config keys, e.g. {num_hidden_layers: 2, hidden_size: 64}", factory=dict)
     seed: Int = F(0, "seed for random init, so `eval`/`merge` rebuild the same base")
     dropout: Unit | None = F(None, "the base model's own dropout (GPT-2: 0.1 on embeddings, attention, residuals); null keeps it")
-    attention: Choice[Literal["sdpa", "flash_attention_2"]] = F("sdpa", "'sdpa': block-diagonal mask for packed rows (any device); 'flash_attention_2': varlen kernels on CUDA (needs flash-attn)")
+    attention: Choice[Literal["sdpa", "flash_attention_2"]] = F("sdpa", "'sdpa': block-diagonal mask for packed rows (any device); 'flash_attention_2': "
+                                                                        "varlen kernels on CUDA (needs flash-attn)")
 
 
 @_section
@@ -106,11 +110,15 @@ class LoraConfig:
     r: Positive[Int] = F(8, "LoRA rank")
     alpha: Positive[Float] = F(16.0, "LoRA alpha (scale = alpha / r)")
     dropout: Unit = F(0.1, "dropout on the LoRA input, in [0, 1)")
-    targets: Names = F(doc="module names to adapt; [auto]: GPT-2's c_attn + c_proj (the seed's), other families' attention and MLP projections, never the LM head", factory=lambda: ["auto"])
+    targets: Names = F(doc="what to adapt: [auto] (GPT-2: c_attn + c_proj, the seed's; other models: every linear projection but the LM head and routers, "
+                           "and MoE experts' weights with lora.dropout=0), [all-linear] (PEFT's), leaf module names like [q_proj, v_proj], or regular "
+                           "expressions over full module names like ['.*\\.(q|v)_proj']", factory=lambda: ["auto"])
     bias: Choice[Literal["none", "all", "lora_only"]] = F("none", "which biases train")
     use_dora: bool = F(False, "DoRA: weight-decomposed LoRA (PEFT's use_dora)")
     use_rslora: bool = F(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)")
-    init: Choice[Literal["true", "gaussian", "pissa", "olora"]] = F("true", "PEFT's init_lora_weights: true (B = 0), gaussian, pissa or olora (the last two move the principal part of the base weights into the adapter; the saved adapter is converted back to plain LoRA on the original base)")
+    init: Choice[Literal["true", "gaussian", "pissa", "olora"]] = F("true", "PEFT's init_lora_weights: true (B = 0), gaussian, pissa or olora (the last two "
+                                                                            "move the principal part of the base weights into the adapter; the saved adapter "
+                                                                            "is converted back to plain LoRA on the original base)")
 
 
 @_section
@@ -119,7 +127,8 @@ class SourceConfig:
     subset: str | None = F(None, "dataset config name, e.g. 'wikitext-103-raw-v1'")
     split: str = F("train", "split to read")
     template: str = F("{text}", "Python format string over the row's fields: '{article}\\n\\nSummary: {highlights}'")
-    prompt: str | None = F(None, "the prompt part of the template (a prefix of it), e.g. '{article}\\n\\nSummary:'; with data.loss_on=completion only the rest is scored")
+    prompt: str | None = F(None, "the prompt part of the template (a prefix of it), e.g. '{article}\\n\\nSummary:'; with data.loss_on=completion only the "
+                                 "rest is scored")
     path: str | None = F(None, "local file instead of the Hub (.jsonl, .json, .csv, .parquet, .txt)")
     cap: Positive[Int] | None = F(None, "max examples from this source (default: data.cap)")
     weight: Positive[Float] = F(1.0, "training share multiplier: 2.0 repeats the source's training examples twice")
@@ -144,16 +153,21 @@ Sources = Annotated[dict[str, SourceConfig], WrapValidator(_sources)]
 
 @_section
 class DataConfig:
-    sources: Annotated[Sources, Field(min_length=1)] = F(doc="named sources; a known name (wikitext, squad, ...) fills its own defaults", factory=lambda: {n: SourceConfig(**d) for n, d in BUILTIN_SOURCES.items()})
+    sources: Annotated[Sources, Field(min_length=1)] = F(doc="named sources; a known name (wikitext, squad, ...) fills its own defaults",
+                                                         factory=lambda: {n: SourceConfig(**d) for n, d in BUILTIN_SOURCES.items()})
     local_dir: str | None = F(None, "folder of <source>.jsonl files in the original schemas, used for every source ('@demo': generated demo data)")
     cap: Positive[Int] | None = F(10000, "max examples per source (a source's own cap wins)")
     val_share: Share = F(0.15, "share of each source held out for validation, in (0, 1)")
     seq_len: Positive[Int] = F(512, "tokens per sequence")
     long_docs: Choice[Literal["truncate", "split"]] = F("truncate", "documents longer than seq_len: keep the head, or split into several sequences")
-    loss_on: Choice[Literal["all", "completion"]] = F("all", "'all': loss on the whole text (the seed's); 'completion': only on what follows a source's prompt (squad's answer, the summaries), in training and in the metrics")
+    loss_on: Choice[Literal["all", "completion"]] = F("all", "'all': loss on the whole text (the seed's); 'completion': only on what follows a source's "
+                                                             "prompt (squad's answer, the summaries), in training and in the metrics")
     chat_template: bool = F(False, "format sources that have a prompt through the tokenizer's chat template (user: prompt, assistant: the rest)")
-    packing: bool = F(True, "pack several documents per row (each attends only to itself, positions restart); false pads one per row")
-    pack_window: Positive[Int] = F(2048, "with train.batch_unit=rows: documents per best-fit packing window (larger: less waste; windows follow the shuffled order, so sources stay mixed)")
+    packing: bool | Literal["auto"] = F("auto", "pack several documents per row (each attends only to itself, positions restart): 'auto' where the exactness "
+                                                "probe finds packed rows exact on the model (one per row otherwise), true (stop if not exact), false (one "
+                                                "per row)")
+    pack_window: Positive[Int] = F(2048, "with train.batch_unit=rows: documents per best-fit packing window (larger: less waste; windows follow the shuffled "
+                                         "order, so sources stay mixed)")
     seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
     cache_dir: str = F(DEFAULT_CACHE, "where tokenized data, generated demo data and dequantized GGUF bases are cached")
 
@@ -168,19 +182,22 @@ class TrainConfig:
     max_steps: Positive[Int] | None = F(None, "stop after this many optimizer steps")
     micro_batch: Positive[Int] = F(4, "rows (of seq_len tokens) per forward pass")
     grad_accum: Positive[Int] = F(8, "micro-batches per optimizer step; the step's size is micro_batch x grad_accum in train.batch_unit")
-    batch_unit: Choice[Literal["docs", "rows"]] = F("docs", "'docs': micro_batch x grad_accum documents per step, packed among themselves (the seed's steps, schedule and documents per step); 'rows': that many packed rows (a fixed token budget per step)")
+    batch_unit: Choice[Literal["docs", "rows"]] = F("docs", "'docs': micro_batch x grad_accum documents per step, packed among themselves (the seed's steps, "
+                                                            "schedule and documents per step); 'rows': that many packed rows (a fixed token budget per step)")
     lr: Positive[Float] = F(3e-4, "peak AdamW learning rate")
     weight_decay: NonNegative[Float] = F(0.01, "AdamW weight decay")
     warmup_steps: NonNegative[Int] = F(100, "linear warmup steps before linear decay to 0")
     clip: NonNegative[Float] = F(1.0, "max gradient norm (0 disables clipping)")
-    precision: Choice[Literal["auto", "fp32", "fp16", "bf16"]] = F("auto", "'auto': bf16 where the GPU has it, else fp16 with a grad scaler on CUDA, fp32 on CPU (fp16 and bf16 run there too, slowly)")
+    precision: Choice[Literal["auto", "fp32", "fp16", "bf16"]] = F("auto", "'auto': bf16 where the GPU has it, else fp16 with a grad scaler on CUDA, fp32 on "
+                                                                           "CPU (fp16 and bf16 run there too, slowly)")
     eval_every: Positive[Int] | None = F(None, "validate every N optimizer steps (always at the end)")
     log_every: Positive[Int] = F(10, "log the training loss every N optimizer steps")
     seed: Int = F(0, "seed for data order, dropout and LoRA init")
     resume: Choice[Literal["never", "auto"]] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it")
     nonfinite_patience: Positive[Int] = F(20, "stop after this many consecutive steps with non-finite loss or gradients (each one is skipped)")
     compile: Choice[Literal["auto", "on", "off"]] = F("auto", "torch.compile the transformer body: 'auto' = on CUDA only (see benchmarks/RESULTS.md for CPU)")
-    prefetch: Choice[Literal["auto", "on", "off"]] = F("auto", "build the next steps' batches in a DataLoader worker process while the device computes: 'auto' = on CUDA only")
+    prefetch: Choice[Literal["auto", "on", "off"]] = F("auto", "build the next steps' batches in a DataLoader worker process while the device computes: "
+                                                               "'auto' = on CUDA only")
     device: Device = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 
 
@@ -194,7 +211,8 @@ class CheckpointConfig:
 class EvalConfig:
     batch_size: Positive[Int] | None = F(None, "rows per evaluation forward pass (default: 8 on CPU; on a GPU the largest that fits, from 128 down)")
     base_compare: bool = F(False, "at the end, also score the base model (adapter disabled) and report base vs tuned loss per source")
-    forgetting_sources: Sources = F(doc="held-out sources never trained on, scored at the end by the base and the tuned model, e.g. {wikitext: {cap: 500}}", factory=dict)
+    forgetting_sources: Sources = F(doc="held-out sources never trained on, scored at the end by the base and the tuned model, e.g. {wikitext: {cap: 500}}",
+                                    factory=dict)
 
 
 @_section

@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -92,7 +92,8 @@ class EvalResult(Scores):
 
 
 def evaluate(model, rows: list[Row], sources: list[str], device, pad_id: int,
-             batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist(), progress: bool = False) -> EvalResult:
+             batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist(),  # noqa: B008 (frozen: one process)
+             progress: bool = False) -> EvalResult:
     """Metrics overall and per source over `rows`, plus throughput; the model's train/eval mode is restored.
 
     Under torchrun each process scores every world-th row and the token-weighted sums are added up
@@ -145,7 +146,8 @@ def _evaluate(model, rows: list[Row], sources: list[str], device, pad_id: int, s
         samples += batch.n_docs
     # One exact all-reduce of the token-weighted sums (float64 holds the integer counts exactly).
     sums = dist.all_sum(torch.cat([nll_sum, tok_sum.double(), byte_sum.double(), torch.tensor([samples, len(rows)], dtype=torch.float64, device=device)]))
-    nll_sum, tok_sum, byte_sum, (samples, n_rows) = sums[:S].tolist(), sums[S : 2 * S].long().tolist(), sums[2 * S : 3 * S].long().tolist(), sums[3 * S :].long().tolist()
+    nll_sum = sums[:S].tolist()
+    tok_sum, byte_sum, (samples, n_rows) = sums[S : 2 * S].long().tolist(), sums[2 * S : 3 * S].long().tolist(), sums[3 * S :].long().tolist()
     seconds = time.perf_counter() - start
     model.train(was_training)
     return EvalResult(

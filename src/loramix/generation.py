@@ -52,7 +52,8 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream=None) -> 
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     n_pos = context_length(model.config) or 1024
     if enc["input_ids"].shape[1] + s.max_new_tokens > n_pos:
-        raise LoramixError(f"prompt ({enc['input_ids'].shape[1]} tokens) + --max-new-tokens={s.max_new_tokens} exceeds the model's {n_pos} positions; shorten one")
+        raise LoramixError(f"prompt ({enc['input_ids'].shape[1]} tokens) + --max-new-tokens={s.max_new_tokens} exceeds the model's {n_pos} positions; "
+                           "shorten one")
     streamer = None
     if stream is not None and len(prompts) == 1:
         class _Stream(TextStreamer):

@@ -8,8 +8,9 @@ gradient with respect to the hidden states, (softmax - onehot) @ W, so backward 
 (N, C) tensor by the incoming per-token gradient: two matmuls per chunk as in plain autograd, no
 recomputation, and only one chunk of logits alive at a time. The head weight must be frozen (it is in
 LoRA: GPT-2 ties it to the input embedding) and bias-free; otherwise the plain chunked path is used.
-Gemma 2's final logit soft-capping, cap * tanh(logits / cap), is applied on both paths, so the NLL is
-the stock model's own loss.
+Gemma 2's final logit soft-capping, cap * tanh(logits / cap), and the logit scaling of Granite and Cohere
+are applied on both paths, so the NLL is the stock model's own loss (the exactness probe checks it on
+every model).
 
 Packed rows need each document to see only itself: a block-diagonal causal mask, narrowed to the
 sliding window for the layers that have one (Mistral, Gemma 2/3, Qwen with sliding layers); models
@@ -27,8 +28,8 @@ from loramix.model import unwrap
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, softcap: float | None) -> torch.Tensor:
-        """h (N, C), weight (V, C) frozen, targets (N,) -> NLL (N,) in fp32."""
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, softcap: float | None, scale: float) -> torch.Tensor:
+        """h (N, C), weight (V, C) frozen, targets (N,) -> NLL (N,) in fp32 of logits scale * (W h), soft-capped."""
         nll = torch.empty(len(targets), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for i in range(0, len(targets), chunk):
@@ -37,6 +38,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             # Logits as (V, n): the wide matrix is the matmul's output, which the BLAS writes faster in
             # this layout; the softmax then reduces over dim 0.
             logits = (weight @ h[i : i + chunk].T).float()  # (V, n)
+            if scale != 1.0:
+                logits = logits.mul_(scale)
             if softcap:  # y = cap * tanh(z / cap), dy/dz = 1 - tanh^2
                 logits = logits.div_(softcap).tanh_()
                 slope = 1 - logits.square()
@@ -52,6 +55,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs[t, cols] -= 1.0
                 if softcap:
                     probs.mul_(slope)
+                if scale != 1.0:
+                    probs.mul_(scale)
                 grad_h[i : i + chunk] = probs.T.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return nll
@@ -59,17 +64,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_nll[:, None].to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_nll[:, None].to(grad_h.dtype), None, None, None, None, None
 
 
-def head_nll(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None = None, chunk: int = 256) -> torch.Tensor:
-    """NLL (N,) of `targets` under `head` applied to hidden states h (N, C), logits soft-capped at `softcap`."""
+def head_nll(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None = None, chunk: int = 256,
+             scale: float = 1.0) -> torch.Tensor:
+    """NLL (N,) of `targets` under `head` applied to hidden states h (N, C), logits multiplied by `scale`, then
+    soft-capped at `softcap`."""
     weight, bias = head.weight, getattr(head, "bias", None)
     if not weight.requires_grad and bias is None:
-        return LinearCrossEntropy.apply(h, weight, targets, chunk, softcap)
+        return LinearCrossEntropy.apply(h, weight, targets, chunk, softcap, scale)
     pieces = []
     for i in range(0, len(targets), chunk):
-        logits = head(h[i : i + chunk]).float()
+        logits = head(h[i : i + chunk]).float() * scale
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         pieces.append(F.cross_entropy(logits, targets[i : i + chunk], reduction="none"))
@@ -126,5 +133,13 @@ def token_nll(model, batch: Batch) -> torch.Tensor:
         ).last_hidden_state  # (B, T, C)
     keep = batch.targets != IGNORE
     nll = hidden.new_zeros(keep.shape, dtype=torch.float32)
-    nll[keep] = head_nll(hidden[keep], lm.get_output_embeddings(), batch.targets[keep], getattr(lm.config, "final_logit_softcapping", None))
+    nll[keep] = head_nll(hidden[keep], lm.get_output_embeddings(), batch.targets[keep], getattr(lm.config, "final_logit_softcapping", None),
+                         scale=logit_scale(lm.config))
     return nll
+
+
+def logit_scale(config) -> float:
+    """What the model's causal-LM head multiplies its logits by: Granite divides them by `logits_scaling`,
+    Cohere multiplies them by `logit_scale` (read from the config, whatever the model type)."""
+    divisor = getattr(config, "logits_scaling", None)
+    return 1.0 / divisor if divisor else float(getattr(config, "logit_scale", None) or 1.0)

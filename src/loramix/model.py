@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,44 +74,30 @@ def _local_gpt2(path: str) -> bool:
     return cfg.is_file() and '"gpt2"' in cfg.read_text(encoding="utf-8")
 
 
-@dataclass(frozen=True)
-class Family:
-    """A `transformers` model type loramix supports, each proven by tests/test_families.py."""
-
-    name: str  # as the README's family table names it
-    example: str  # a Hub id of the family, for the README
-
-
-FAMILIES = {
-    "gpt2": Family("GPT-2", "gpt2"),
-    "llama": Family("Llama (SmolLM, TinyLlama, Llama 3)", "HuggingFaceTB/SmolLM2-135M"),
-    "mistral": Family("Mistral", "mistralai/Mistral-7B-v0.3"),
-    "qwen2": Family("Qwen2", "Qwen/Qwen2.5-0.5B"),
-    "qwen3": Family("Qwen3", "Qwen/Qwen3-0.6B"),
-    "gemma2": Family("Gemma 2", "google/gemma-2-2b"),
-    "gemma3_text": Family("Gemma 3", "google/gemma-3-270m"),
-    "phi3": Family("Phi-3", "microsoft/Phi-3-mini-4k-instruct"),
-    "gpt_neox": Family("GPT-NeoX (Pythia)", "EleutherAI/pythia-70m"),
-    "opt": Family("OPT", "facebook/opt-125m"),
-}
 # GPT-2's own names for the sizes (model.n_layer, ...), kept for the seed preset and the README.
 _GPT2_SIZES = ("n_layer", "n_embd", "n_head")
 
 
-def family_of(config) -> Family:
-    """The family of a transformers config; one line naming the supported ones otherwise."""
-    if config.model_type not in FAMILIES:
-        raise LoramixError(f"model type '{config.model_type}' is not supported; loramix supports: {', '.join(FAMILIES)}")
-    return FAMILIES[config.model_type]
+def _causal_lm(config) -> None:
+    """Any model type transformers can build as a causal LM (the exactness probe then checks it).
+
+    Raises:
+        LoramixError: naming the model type when transformers has no causal-LM class for it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise LoramixError(f"model type '{config.model_type}' has no causal language model in transformers (AutoModelForCausalLM); "
+                           "loramix fine-tunes causal LMs only: pick a decoder model")
 
 
 def load_base_model(mc: ModelConfig, seq_len: int, cache_dir: str = DEFAULT_CACHE):
     """The base causal LM in fp32 (autocast handles mixed precision), with SDPA attention where the
-    family has it (eager otherwise). A GGUF base loads from its dequantized dir under `cache_dir`.
+    model type has it (eager otherwise). A GGUF base loads from its dequantized dir under `cache_dir`.
 
     Raises:
         LoramixError: missing local dir or GGUF file, a GGUF transformers cannot read, unreachable Hub
-            model, an unsupported model type, size overrides with pretrained weights or naming keys the
+            model, a model type without a causal LM, size overrides with pretrained weights or naming keys the
             family lacks, or a sequence length beyond the model's positions.
     """
     from transformers import AutoModelForCausalLM
@@ -125,16 +112,22 @@ def load_base_model(mc: ModelConfig, seq_len: int, cache_dir: str = DEFAULT_CACH
             keys = ", ".join(f"model.{k}" if k in _GPT2_SIZES else f"model.config.{k}" for k in overrides)
             raise LoramixError(f"{keys} need model.init=random; pretrained weights have a fixed shape")
         config = _hub_config(name, mc.name)
-        family_of(config)
+        _causal_lm(config)
         try:
             model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=_attention(mc, config), dtype=torch.float32)
         except OSError as e:
-            raise LoramixError(f"cannot load model '{name}' from the Hub or its cache; go online once, point model.name at a local dir, or use model.init=random") from e
+            raise LoramixError(f"cannot load model '{name}' from the Hub or its cache; go online once, point model.name at a local dir, or use "
+                               "model.init=random") from e
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            raise _unbuildable(config, e) from e
     else:
         config = _random_config(name, mc.name, overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mc.seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(mc, config), dtype=torch.float32)
+            try:
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(mc, config), dtype=torch.float32)
+            except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+                raise _unbuildable(config, e) from e
     if gguf:
         model.loramix_fingerprint = gguf[1]  # the file's hash: base_fingerprint reads it
         # What PEFT names as an adapter's base (adapter_config.json): the file, not a cache dir.
@@ -148,6 +141,10 @@ def load_base_model(mc: ModelConfig, seq_len: int, cache_dir: str = DEFAULT_CACH
     if n_pos is not None and seq_len > n_pos:
         raise LoramixError(f"data.seq_len={seq_len} is beyond the model's {n_pos} positions; set data.seq_len<={n_pos}")
     return model
+
+
+def _unbuildable(config, e: Exception) -> LoramixError:
+    return LoramixError(f"transformers cannot build this {config.model_type} model ({type(e).__name__}: {e}); fix its config.json or pick another model")
 
 
 def _hub_config(name: str, given: str):
@@ -172,7 +169,7 @@ def _random_config(name: str, given: str, overrides: dict):
     from transformers import CONFIG_MAPPING
 
     base = _hub_config(name, given)
-    family_of(base)
+    _causal_lm(base)
     cls = CONFIG_MAPPING[base.model_type]
     if any(k in _GPT2_SIZES for k in overrides) and base.model_type != "gpt2":
         raise LoramixError(f"model.n_layer/n_embd/n_head are GPT-2's names (set them to null); for {base.model_type} use "
@@ -236,32 +233,86 @@ def _attention(mc: ModelConfig, config) -> str:
     return "sdpa" if model_class._supports_sdpa else "eager"
 
 
-def lora_targets(model, targets: list[str]) -> tuple[list[str], bool]:
-    """The module names to adapt and whether their weights are stored transposed (GPT-2's Conv1D,
-    decided by the modules' type, not the model's name).
+_PATTERN = re.compile(r"[\\^$|?*+()\[\]{}]")  # an entry of lora.targets with one of these is a regular expression
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What LoRA adapts, as PEFT takes it."""
+
+    modules: list[str] | str  # leaf names, or one regular expression over full module names, or "all-linear"
+    parameters: list[str]  # MoE experts' stacked weights (PEFT's target_parameters), e.g. experts.gate_up_proj
+    transposed: bool  # GPT-2's Conv1D stores its weights transposed (fan_in_fan_out)
+    skipped: str | None = None  # what `auto` left out and why
+
+    def describe(self) -> str:
+        names = self.modules if isinstance(self.modules, str) else ", ".join(self.modules)
+        return names + (f"; experts: {', '.join(self.parameters)}" if self.parameters else "") + (f" ({self.skipped})" if self.skipped else "")
+
+
+def lora_targets(model, targets: list[str], dropout: float = 0.0) -> Targets:
+    """The modules (and MoE expert weights) to adapt, decided by module types and shapes, not by the model's name.
+
+    `auto`: GPT-2 (the seed's choice) c_attn + c_proj; any other model every linear projection but the LM
+    head and routers (a linear with one output per expert, or a single gate value), plus, on a mixture of
+    experts, the experts' stacked weights through PEFT's target_parameters, which takes no dropout (so only
+    with lora.dropout=0). `all-linear`: PEFT's own choice. Entries with regular-expression characters form
+    one expression matched against full module names; plain entries are leaf names.
 
     Raises:
-        LoramixError: targets that match no linear module (naming the ones there are).
+        LoramixError: targets that match no linear module (naming the ones there are), or a bad expression.
     """
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
-    linear = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head}
-    if list(targets) == ["auto"]:  # GPT-2: the seed's choice; others: every projection (PEFT's all-linear idea)
-        targets = ["c_attn", "c_proj"] if model.config.model_type == "gpt2" else sorted(linear)
-    missing = [t for t in targets if t not in linear]
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head}
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    targets = list(targets)
+    if targets == ["all-linear"]:
+        return Targets("all-linear", [], all(isinstance(m, Conv1D) for m in linear.values()))
+    if targets == ["auto"]:
+        if model.config.model_type == "gpt2":
+            return Targets(["c_attn", "c_proj"], [], True)
+        experts = _expert_weights(model)
+        routers = {name.rsplit(".", 1)[-1] for name, m in linear.items() if _router_like(m, model.config)}
+        kept = [n for n in leaves if n not in routers]
+        skipped = "experts left out: PEFT's LoRA on expert weights takes no dropout; set lora.dropout=0 to adapt them" if experts and dropout else None
+        return Targets(kept, experts if not dropout else [], False, skipped)
+    if any(_PATTERN.search(t) for t in targets):
+        pattern = "|".join(f"(?:{t})" if _PATTERN.search(t) else f"(?:.*\\.)?{re.escape(t)}" for t in targets)
+        try:
+            matched = [m for name, m in linear.items() if re.fullmatch(pattern, name)]
+        except re.error as e:
+            raise LoramixError(f"lora.targets {targets}: not a valid regular expression ({e}); fix it or list module names") from None
+        if not matched:
+            raise LoramixError(f"lora.targets {targets} match no linear module of this model; its modules are: {', '.join(leaves)} (e.g. "
+                               f"{next(iter(linear), '')})")
+        return Targets(pattern, [], all(isinstance(m, Conv1D) for m in matched))
+    missing = [t for t in targets if t not in leaves]
     if missing:
-        raise LoramixError(f"lora.targets {', '.join(missing)} match no linear module of this model; its modules are: {', '.join(sorted(linear))}")
-    return list(targets), all(isinstance(linear[t], Conv1D) for t in targets)
+        raise LoramixError(f"lora.targets {', '.join(missing)} match no linear module of this model; its modules are: {', '.join(leaves)}")
+    by_leaf = [m for name, m in linear.items() if name.rsplit(".", 1)[-1] in targets]
+    return Targets(targets, [], all(isinstance(m, Conv1D) for m in by_leaf))
 
 
-def peft_lora_config(model, lc: LoraConfig):
+def _expert_weights(model) -> list[str]:
+    """`<module>.<parameter>` of every 3-D weight (a mixture of experts' stacked projections)."""
+    found = {f"{name.rsplit('.', 1)[-1]}.{p_name}" for name, m in model.named_modules() for p_name, p in m.named_parameters(recurse=False) if p.ndim == 3}
+    return sorted(found)
+
+
+def _router_like(module, config) -> bool:
+    """A linear that picks experts (one output per expert) or scales a shared expert (one output)."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    return module.weight.shape[0] == 1 or (bool(experts) and module.weight.shape[0] == experts)
+
+
+def peft_lora_config(targets: Targets, lc: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
-    targets, transposed = lora_targets(model, lc.targets)
     return PeftLoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, bias=lc.bias,
-        fan_in_fan_out=transposed, use_dora=lc.use_dora, use_rslora=lc.use_rslora,
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets.modules, target_parameters=targets.parameters or None,
+        bias=lc.bias, fan_in_fan_out=targets.transposed, use_dora=lc.use_dora, use_rslora=lc.use_rslora,
         init_lora_weights=True if lc.init == "true" else lc.init, task_type="CAUSAL_LM",
     )
 
@@ -272,10 +323,15 @@ def attach_lora(model, lc: LoraConfig, seed: int):
     LoRA's A (`DroppedLinear`), which keeps the input and the mask for backward instead of a dropped copy."""
     from peft import get_peft_model
 
-    config = peft_lora_config(model, lc)
+    targets = lora_targets(model, lc.targets, lc.dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, peft_lora_config(targets, lc))
+        except (ValueError, TypeError) as e:  # a module type PEFT's LoRA cannot wrap
+            raise LoramixError(f"PEFT cannot put LoRA on {targets.describe()} of this {model.config.model_type} model ({e}); "
+                               "name other modules in lora.targets") from e
+    model.loramix_targets = targets  # for the plan
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         for name, drop in (drops.items() if isinstance(drops, torch.nn.ModuleDict) else ()):

@@ -87,6 +87,13 @@ def _change_table(changes: dict[str, Change]) -> tuple:
             [[n, _f(c.base_loss), _f(c.tuned_loss), f"{c.delta:+.4f}"] for n, c in changes.items()])
 
 
+def _packing(run: Run) -> str:
+    """As the run trained: data.packing=auto is what the exactness probe decided (run.json)."""
+    probe = run.status.get("probe")
+    packed = run.config.data.packing if run.config.data.packing != "auto" or not probe else probe["packing_exact"]
+    return f"{'on' if packed else 'off'}{' (auto)' if run.config.data.packing == 'auto' else ''}"
+
+
 def _run_blocks(run: Run, several: bool) -> list[tuple]:
     c = run.config
     m, lo, d, t = c.model, c.lora, c.data, c.train
@@ -96,7 +103,7 @@ def _run_blocks(run: Run, several: bool) -> list[tuple]:
                      f"dropout={lo.dropout}, targets {', '.join(lo.targets)}; {t.epochs} epoch(s), AdamW lr {t.lr}, "
                      f"weight decay {t.weight_decay}, {t.warmup_steps} warmup steps; batch {t.micro_batch} x {t.grad_accum} "
                      f"x {run.status.get('world_size', 1)} process(es) in {t.batch_unit}; sequence length {d.seq_len}, "
-                     f"packing {'on' if d.packing else 'off'}; {len(d.sources)} sources, cap {d.cap}, {d.val_share:.0%} held out."))
+                     f"packing {_packing(run)}; {len(d.sources)} sources, cap {d.cap}, {d.val_share:.0%} held out."))
     out.append(("table", ["source", "train", "validation", "weight"],
                 [[n, str(s["train"]), str(s["val"]), str(s["weight"])] for n, s in run.manifest["sources"].items()]))
     e = run.eval
@@ -143,7 +150,8 @@ def to_html(doc: list[tuple]) -> str:
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         else:
             data = base64.b64encode(block[2].read_bytes()).decode()
-            parts.append(f'<figure><img alt="{html.escape(block[1])}" src="data:image/png;base64,{data}"><figcaption>{html.escape(block[1])}</figcaption></figure>')
+            caption = html.escape(block[1])
+            parts.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
              "img{max-width:100%}figcaption{color:#555;font-size:90%}")

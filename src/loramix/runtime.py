@@ -82,7 +82,8 @@ def resolve_device(name: str, dist: Dist = Dist()) -> torch.device:
         if not torch.cuda.is_available():
             raise LoramixError(f"device {name} asked for, but no CUDA GPU is visible; use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise LoramixError(f"device {name} asked for, but only {torch.cuda.device_count()} GPU(s) are visible; pick one of cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise LoramixError(f"device {name} asked for, but only {torch.cuda.device_count()} GPU(s) are visible; pick one of "
+                               f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
     return device
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -28,7 +28,7 @@ from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult, Scorer, forgetting_check, format_table
 from loramix.files import read_json, write_json
 from loramix.loss import token_nll
-from loramix.model import attach_lora, base_fingerprint, compile_body, count_parameters
+from loramix.model import attach_lora, compile_body, count_parameters
 from loramix.runtime import Dist, Interrupted, StopOnSignal, autocast_for, init_distributed, progress_bars, resolve_device, resolve_precision
 from loramix.tracking import EventLog, check_trackers, read_metrics
 
@@ -56,6 +56,7 @@ class Plan:
     fill: float  # real tokens / (rows x seq_len) over the training rows
     trainable: int
     total_params: int
+    targets: str  # what LoRA adapts
     world: int = 1
 
     def describe(self, cfg: Config) -> str:
@@ -73,7 +74,7 @@ class Plan:
             f"per step; rows {100 * self.fill:.1f}% real tokens",
             f"  {self.steps_per_epoch:,} optimizer steps per epoch x {t.epochs} epochs -> {self.total_steps:,} optimizer steps"
             + (f" (capped by train.max_steps={t.max_steps})" if t.max_steps else ""),
-            f"  trainable parameters {self.trainable:,} of {self.total_params:,} ({100 * self.trainable / self.total_params:.2f}%)",
+            f"  trainable parameters {self.trainable:,} of {self.total_params:,} ({100 * self.trainable / self.total_params:.2f}%); LoRA on {self.targets}",
         ])
 
 
@@ -98,7 +99,7 @@ def make_plan(cfg: Config, data: Prepared, model, world: int = 1) -> tuple[Plan,
         train_docs=len(data.train), val_docs=sum(len(r) for r in data.val_rows), val_rows=len(data.val_rows),
         steps_per_epoch=len(first), total_steps=total, docs_per_step=len(data.train) / len(first),
         rows_per_step=len(rows) / len(first), tokens_per_step=tokens / len(first),
-        fill=tokens / (len(rows) * cfg.data.seq_len), trainable=trainable, total_params=total_params, world=world,
+        fill=tokens / (len(rows) * cfg.data.seq_len), trainable=trainable, total_params=total_params, targets=model.loramix_targets.describe(), world=world,
     )
     return plan, schedule
 
@@ -135,18 +136,19 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     device = resolve_device(cfg.train.device, dist)
     precision = resolve_precision(cfg.train.precision, device)
     check_trackers(cfg.track)
-    tokenizer, data, model = artifacts.load_inputs(cfg, log)
-    fingerprints = {"base_fingerprint": base_fingerprint(model), "config_fingerprint": cfg.fingerprint(dist.world)}
-    model = attach_lora(model, cfg.lora, cfg.train.seed)
+    inputs = artifacts.load_inputs(cfg, lambda base: attach_lora(base, cfg.lora, cfg.train.seed), device, log)
+    asked, cfg, tokenizer, data, model = cfg, inputs.cfg, inputs.tokenizer, inputs.data, inputs.model
+    fingerprints = {"base_fingerprint": inputs.base_fingerprint, "config_fingerprint": asked.fingerprint(dist.world)}
     plan, schedule = make_plan(cfg, data, model, dist.world)
     log(plan.describe(cfg))
+    log(inputs.verdict.describe())
     log(f"  device {device}, precision {precision}")
     if dry_run:
         return TrainResult(model, plan, None, None)
 
-    resume_from = _open_run_dir(run_dir, cfg, data, overwrite, dist, log)
+    resume_from = _open_run_dir(run_dir, asked, data, overwrite, dist, log)  # the run dir keeps the config as asked
     status = {**fingerprints, "device": str(device), "precision": precision, "world_size": dist.world,
-              "plan": vars(plan), "environment": artifacts.environment()}
+              "plan": vars(plan), "probe": inputs.verdict.record(), "environment": artifacts.environment()}
 
     def record(**fields) -> None:
         if dist.main:
@@ -296,7 +298,6 @@ def fit(loop: Loop, schedule: list[list[Step]]) -> EvalResult | None:
             every = loop.cfg.checkpoint.every
             if state.step == total or (every and state.step % every == 0) or stopping:
                 saved = _checkpoint(loop)
-            ckpt.crash_point(f"step-{state.step}")
             if stopping:
                 signum = stop.signum or signal.SIGTERM  # another process got the signal
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {saved} written; "

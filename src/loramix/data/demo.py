@@ -57,7 +57,8 @@ def _rows(source: str, r: random.Random) -> list[dict]:
             elif i % 10 == 1:
                 rows.append({"text": f" = {r.choice(PLACES).title()} = \n"})
             else:
-                rows.append({"text": " " + " ".join(f"{r.choice(PLACES).capitalize()} is a {r.choice(ADJ)} place known for {r.choice(TOPICS)} ." for _ in range(r.randint(2, 6))) + " \n"})
+                facts = (f"{r.choice(PLACES).capitalize()} is a {r.choice(ADJ)} place known for {r.choice(TOPICS)} ." for _ in range(r.randint(2, 6)))
+                rows.append({"text": " " + " ".join(facts) + " \n"})
         elif source == "tinystories":
             rows.append({"text": _story(r)})
         elif source == "ag_news":

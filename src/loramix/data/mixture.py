@@ -34,7 +34,8 @@ def build_mixture(data: DataConfig, log=print) -> Mixture:
         docs = read.documents
         n_val = max(1, round(len(docs) * data.val_share))
         if len(docs) - n_val < 1:
-            raise LoramixError(f"source '{name}' has {len(docs)} usable row(s): too few to hold out {data.val_share:.0%} for validation; add rows or drop the source")
+            raise LoramixError(f"source '{name}' has {len(docs)} usable row(s): too few to hold out {data.val_share:.0%} for validation; add rows or drop "
+                               "the source")
         # Documents arrive in seeded random order, so the head is a random held-out sample.
         src_val, src_train = docs[:n_val], docs[n_val:]
         weighted = _apply_weight(src_train, spec.weight, np.random.default_rng([data.seed, len(manifest), 1]))

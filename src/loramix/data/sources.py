@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -115,7 +115,8 @@ def _check_template(name: str, template: str, columns: list[str]) -> None:
         if not root or root.isdigit():
             raise LoramixError(f"source '{name}': template {template!r} has a positional field; name a column ({', '.join(columns)})")
         if root not in columns:
-            raise LoramixError(f"source '{name}': template names field '{root}' which the data lacks (fields: {', '.join(columns)}); fix data.sources.{name}.template")
+            raise LoramixError(f"source '{name}': template names field '{root}' which the data lacks (fields: {', '.join(columns)}); fix "
+                               f"data.sources.{name}.template")
 
 
 def _load_hub(name: str, spec: SourceConfig):
