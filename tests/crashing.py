@@ -55,7 +55,7 @@ def kill_at(monkeypatch, point: str, action=_kill):
     armed = [True]
 
     def act():
-        if armed[0]:
+        if armed:
             action()
     for module, attribute, replacement in _patches(point, act):
         monkeypatch.setattr(module, attribute, replacement)

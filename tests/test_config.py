@@ -84,7 +84,7 @@ def test_custom_source_needs_hub_id_or_path():
     ("lora.dropout=1", "lora.dropout=1.0 must be in [0, 1)"),
     ("train.weight_decay=-1", "train.weight_decay=-1.0 must be >= 0"),
     ("train.compile=maybe", "train.compile='maybe' is not allowed (choose one of: auto, on, off)"),
-    ("data.packing=maybe", "data.packing='maybe' must be true or false"),
+    ("data.packing=maybe", "data.packing='maybe' must be true, false or auto"),
     ("lora=5", "lora=5 must be a mapping of keys"),
 ])
 @pytest.mark.unit

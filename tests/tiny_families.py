@@ -39,9 +39,9 @@ FAMILY_CONFIGS = {
     "stablelm": ("StableLmConfig", {**_SIZES, **_BL}, "bytelevel"),
     "olmo2": ("Olmo2Config", {**_SIZES, **_BL, "pad_token_id": None}, "bytelevel"),
     # Granite and Cohere scale their logits; Granite also its embeddings, residuals and attention scores.
-    "granite": ("GraniteConfig", {**_SIZES, **_BL, "logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+    "granite": ("GraniteConfig", {**_SIZES, **_BL, "logits_scaling": 2.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                                   "attention_multiplier": 0.25}, "bytelevel"),
-    "cohere": ("CohereConfig", {**_SIZES, **_BL, "pad_token_id": None, "logit_scale": 0.25}, "bytelevel"),
+    "cohere": ("CohereConfig", {**_SIZES, **_BL, "pad_token_id": None, "logit_scale": 0.5}, "bytelevel"),
     "phi": ("PhiConfig", {**_SIZES, **_BL, "partial_rotary_factor": 0.5}, "bytelevel"),  # its LM head has a bias
     "starcoder2": ("Starcoder2Config", {**_SIZES, **_BL, "sliding_window": WINDOW}, "bytelevel"),
     "gpt_bigcode": ("GPTBigCodeConfig", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256, "vocab_size": VOCAB, **_BL}, "bytelevel"),

@@ -75,6 +75,7 @@ def _bool_as_word(value: Any, handler) -> Any:
 
 
 Choice = Annotated[T, WrapValidator(_bool_as_word)]
+Packing = Annotated[bool | Literal["auto"], BeforeValidator(_rule(lambda v: isinstance(v, bool) or v == "auto", "must be true, false or auto"))]
 # `lora.targets=c_attn` means the one-name list.
 Names = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
 HubId = Annotated[str, AfterValidator(lambda v: HUB_ALIASES.get(v, v))]
@@ -163,7 +164,7 @@ class DataConfig:
     loss_on: Choice[Literal["all", "completion"]] = F("all", "'all': loss on the whole text (the seed's); 'completion': only on what follows a source's "
                                                              "prompt (squad's answer, the summaries), in training and in the metrics")
     chat_template: bool = F(False, "format sources that have a prompt through the tokenizer's chat template (user: prompt, assistant: the rest)")
-    packing: bool | Literal["auto"] = F("auto", "pack several documents per row (each attends only to itself, positions restart): 'auto' where the exactness "
+    packing: Packing = F("auto", "pack several documents per row (each attends only to itself, positions restart): 'auto' where the exactness "
                                                 "probe finds packed rows exact on the model (one per row otherwise), true (stop if not exact), false (one "
                                                 "per row)")
     pack_window: Positive[Int] = F(2048, "with train.batch_unit=rows: documents per best-fit packing window (larger: less waste; windows follow the shuffled "
