@@ -121,6 +121,34 @@ def test_fingerprint_tracks_values():
 
 
 @pytest.mark.unit
+def test_key_roles_decide_the_fingerprint_and_the_eval_overrides():
+    """Roles are metadata on the fields: what a resume compares, and what `eval` may change."""
+    from loramix.commands import EVAL_OVERRIDES
+    from loramix.config import scoring_keys
+
+    base = load_config(None).fingerprint()
+    operational = ["checkpoint.every=7", "checkpoint.keep=9", "track.wandb=true", "train.resume=auto", "train.prefetch=on", "data.cache_dir=/elsewhere"]
+    assert all(load_config(None, [o]).fingerprint() == base for o in operational)
+    assert all(load_config(None, [o]).fingerprint() != base for o in ["lora.r=4", "data.packing=false", "train.seed=1", "eval.batch_size=2"])
+    assert EVAL_OVERRIDES == scoring_keys() == ("data.packing", "data.cache_dir", "train.precision", "train.compile", "train.device", "eval.")
+
+
+@pytest.mark.unit
+def test_a_config_built_in_code_fails_as_a_preset_does():
+    """`loramix.Config(...)` and its sections raise LoramixError with the CLI's line, never pydantic's error."""
+    import loramix
+    from loramix.config import LoraConfig
+
+    with pytest.raises(LoramixError, match=r"^bad Config\(\.\.\.\): lora.r='abc' must be an integer$"):
+        loramix.Config(lora={"r": "abc"})
+    with pytest.raises(LoramixError, match=r"unknown key 'bogus' \(allowed under top level: checkpoint, data, eval, lora, model, name, track, train\)"):
+        loramix.Config(bogus=1)
+    with pytest.raises(LoramixError, match=r"^bad LoraConfig\(\.\.\.\): lora.r=0 must be > 0$"):
+        LoraConfig(r=0)
+    assert loramix.Config(lora={"r": 4}).lora.r == 4
+
+
+@pytest.mark.unit
 def test_every_key_is_documented():
     rows = describe_keys()
     keys = {k for k, _, _ in rows}

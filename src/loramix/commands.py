@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loramix import artifacts
-from loramix.config import Config, config_from_dict, load_config
+from loramix.config import Config, config_from_dict, load_config, scoring_keys
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult, Scorer, forgetting_check
 from loramix.generation import Sampling
@@ -22,8 +22,9 @@ from loramix.runtime import autocast_for, init_distributed, progress_bars, resol
 from loramix.training import TrainResult
 from loramix.training import train as run_recipe
 
-# What `loramix eval RUN_DIR key=value` may change: how the run is scored, never what was trained.
-EVAL_OVERRIDES = ("data.packing", "data.cache_dir", "eval.", "train.device", "train.precision", "train.compile")
+# What `loramix eval RUN_DIR key=value` may change: how the run is scored, never what was trained (the
+# config fields marked `scoring`).
+EVAL_OVERRIDES = scoring_keys()
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, *, dry_run: bool = False, overwrite: bool = False,

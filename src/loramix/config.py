@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -42,7 +43,34 @@ HUB_ALIASES = {short: spec["hub_id"] for short, spec in BUILTIN_SOURCES.items() 
 DEFAULT_CACHE = "~/.cache/loramix"  # data.cache_dir's default, also where commands without a config cache GGUF bases
 
 # Numbers in YAML may land in string fields (`subset: 3.0`); unknown keys are typos, so they fail.
-_section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
+_pydantic_section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
+
+
+def _section(cls):
+    """A pydantic dataclass whose construction in code (`loramix.Config(lora={"r": "abc"})`) fails as a bad
+    preset does: LoramixError with the CLI's one line, not pydantic's ValidationError."""
+    cls = _pydantic_section(cls)
+    validate = cls.__init__
+
+    @functools.wraps(validate)
+    def __init__(self, *args, **kwargs):
+        try:
+            validate(self, *args, **kwargs)
+        except ValidationError as e:
+            where = _section_path(cls)
+            errors = [{**err, "loc": (*where, *err["loc"])} for err in e.errors()]
+            raise LoramixError(f"bad {cls.__name__}(...): " + "; ".join(_message(err) for err in errors)) from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _section_path(cls) -> tuple[str, ...]:
+    """Where a section sits in Config (LoraConfig: ('lora',)); () for Config and for sections under a mapping."""
+    for f in dataclasses.fields(Config):
+        if typing.get_type_hints(Config)[f.name] is cls:
+            return (f.name,)
+    return ()
 
 
 def _rule(ok, why: str):
@@ -83,9 +111,12 @@ DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # also what `generate --devic
 Device = Annotated[str, AfterValidator(_rule(DEVICES.fullmatch, "is not a device (choose one of: auto, cpu, cuda, cuda:N, mps)"))]
 
 
-def F(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING):
-    """A config field with its one-line doc (pydantic's description, which `describe_keys` prints)."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"description": doc})
+def F(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING, *, trains: bool = True, scoring: bool = False):
+    """A config field with its one-line doc (pydantic's description, which `describe_keys` prints) and its roles:
+    `trains`: it decides the training trajectory (the fingerprint a resume checks; `eval` cannot change it);
+    `scoring`: it says how a finished run is scored, so `loramix eval RUN key=value` may override it. A
+    section field's roles apply to every key under it."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"description": doc, "trains": trains, "scoring": scoring})
 
 
 @_section
@@ -165,12 +196,12 @@ class DataConfig:
                                                              "prompt (squad's answer, the summaries), in training and in the metrics")
     chat_template: bool = F(False, "format sources that have a prompt through the tokenizer's chat template (user: prompt, assistant: the rest)")
     packing: Packing = F("auto", "pack several documents per row (each attends only to itself, positions restart): 'auto' where the exactness "
-                                                "probe finds packed rows exact on the model (one per row otherwise), true (stop if not exact), false (one "
-                                                "per row)")
+                                 "probe finds packed rows exact on the model (one per row otherwise), true (stop if not exact), false (one per row)",
+                         scoring=True)
     pack_window: Positive[Int] = F(2048, "with train.batch_unit=rows: documents per best-fit packing window (larger: less waste; windows follow the shuffled "
                                          "order, so sources stay mixed)")
     seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
-    cache_dir: str = F(DEFAULT_CACHE, "where tokenized data, generated demo data and dequantized GGUF bases are cached")
+    cache_dir: str = F(DEFAULT_CACHE, "where tokenized data, generated demo data and dequantized GGUF bases are cached", trains=False, scoring=True)
 
     def cap_for(self, spec: SourceConfig) -> int | None:
         """The cap a source is sampled to: its own, else the mixture-wide data.cap."""
@@ -190,16 +221,18 @@ class TrainConfig:
     warmup_steps: NonNegative[Int] = F(100, "linear warmup steps before linear decay to 0")
     clip: NonNegative[Float] = F(1.0, "max gradient norm (0 disables clipping)")
     precision: Choice[Literal["auto", "fp32", "fp16", "bf16"]] = F("auto", "'auto': bf16 where the GPU has it, else fp16 with a grad scaler on CUDA, fp32 on "
-                                                                           "CPU (fp16 and bf16 run there too, slowly)")
+                                                                           "CPU (fp16 and bf16 run there too, slowly)", scoring=True)
     eval_every: Positive[Int] | None = F(None, "validate every N optimizer steps (always at the end)")
     log_every: Positive[Int] = F(10, "log the training loss every N optimizer steps")
     seed: Int = F(0, "seed for data order, dropout and LoRA init")
-    resume: Choice[Literal["never", "auto"]] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it")
+    resume: Choice[Literal["never", "auto"]] = F("never", "'auto' (or --resume): continue from the newest valid checkpoint in the run dir, else start it",
+                                                 trains=False)
     nonfinite_patience: Positive[Int] = F(20, "stop after this many consecutive steps with non-finite loss or gradients (each one is skipped)")
-    compile: Choice[Literal["auto", "on", "off"]] = F("auto", "torch.compile the transformer body: 'auto' = on CUDA only (see benchmarks/RESULTS.md for CPU)")
+    compile: Choice[Literal["auto", "on", "off"]] = F("auto", "torch.compile the transformer body: 'auto' = on CUDA only (see benchmarks/RESULTS.md for CPU)",
+                                                      scoring=True)
     prefetch: Choice[Literal["auto", "on", "off"]] = F("auto", "build the next steps' batches in a DataLoader worker process while the device computes: "
-                                                               "'auto' = on CUDA only")
-    device: Device = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+                                                               "'auto' = on CUDA only", trains=False)
+    device: Device = F("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...", scoring=True)
 
 
 @_section
@@ -231,29 +264,54 @@ class Config:
     lora: LoraConfig = F(doc="LoRA adapter", factory=LoraConfig)
     data: DataConfig = F(doc="data mixture", factory=DataConfig)
     train: TrainConfig = F(doc="training loop", factory=TrainConfig)
-    checkpoint: CheckpointConfig = F(doc="checkpoints and resume", factory=CheckpointConfig)
-    eval: EvalConfig = F(doc="evaluation", factory=EvalConfig)
-    track: TrackConfig = F(doc="experiment tracking", factory=TrackConfig)
+    checkpoint: CheckpointConfig = F(doc="checkpoints and resume", factory=CheckpointConfig, trains=False)
+    eval: EvalConfig = F(doc="evaluation", factory=EvalConfig, scoring=True)
+    track: TrackConfig = F(doc="experiment tracking", factory=TrackConfig, trains=False)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def fingerprint(self, world: int = 1) -> str:
-        """A short hash of what decides the training trajectory, saved with checkpoints to refuse a
-        mismatched resume. How often to checkpoint, whether to resume and where batches are built do not change it; nor does the
-        process count, as long as the global batch (micro_batch x grad_accum x processes) stays the same."""
+        """A short hash of what decides the training trajectory (the fields marked `trains`), saved with
+        checkpoints to refuse a mismatched resume. Checkpointing, tracking, resuming, where batches are built
+        and the cache dir do not change it; nor does the process count, as long as the global batch
+        (micro_batch x grad_accum x processes) stays the same."""
         blob = json.dumps(_trajectory(self, world), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _trajectory(cfg: Config, world: int) -> dict:
-    d = cfg.to_dict()
-    d.pop("checkpoint")
-    d.pop("track")
-    d["train"].pop("resume")
-    d["train"].pop("prefetch")  # where batches are built, not what they hold
+    """The keys whose fields say `trains`, with the global batch in place of grad_accum (so the process count
+    may change when micro_batch x grad_accum x processes does not)."""
+    d = _with_role(cfg, "trains")
     d["train"]["global_batch"] = d["train"]["micro_batch"] * d["train"].pop("grad_accum") * world
     return d
+
+
+def _with_role(section, role: str) -> dict:
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.metadata[role]:
+            value = getattr(section, f.name)
+            out[f.name] = _with_role(value, role) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as to_dict() gives it (sources are dataclasses inside a dict)."""
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def scoring_keys(cls: type | None = None, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys `loramix eval RUN key=value` may override (a section's as 'eval.')."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls or Config):
+        kind = typing.get_type_hints(cls or Config)[f.name]
+        if f.metadata["scoring"]:
+            keys.append(prefix + f.name + ("." if dataclasses.is_dataclass(kind) else ""))
+        elif dataclasses.is_dataclass(kind):
+            keys += scoring_keys(kind, prefix + f.name + ".")
+    return tuple(keys)
 
 
 def config_diff(a: Config, b: Config, world_a: int = 1, world_b: int = 1) -> list[str]:
