@@ -27,11 +27,11 @@ def test_report_files_plots_and_numbers(run, capsys):
 
     assert main(["report", str(run)]) == 0
     md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
-    for png in ("train_loss.png", "val_loss.png"):
+    for png in ("train_loss.png", "val_loss.png", "sources-0.png"):  # the last: one line per source, train and validation
         img = matplotlib.image.imread(run / png)
         assert img.shape[0] >= 400 and img.shape[1] >= 700 and img.std() > 0.01  # a real picture, not blank
         assert f"]({png})" in md
-    assert page.count('src="data:image/png;base64,') == 2 and "<table>" in page
+    assert page.count('src="data:image/png;base64,') == 3 and "<table>" in page
     final = json.loads((run / "eval.json").read_text())
     for name, m in [*final["per_source"].items(), ("overall", final["overall"])]:
         row = re.search(rf"^\| {name} \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", md, re.M)

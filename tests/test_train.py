@@ -146,6 +146,32 @@ def test_run_dir_files_and_metric_rows(tiny_run):
 
 
 @pytest.mark.e2e
+def test_metric_rows_carry_per_source_curves(tiny_run):
+    """Each train row: the interval's loss per source, whose token-weighted mean is the row's train_loss; each
+    eval row: loss, PPL and BPB per source, the last equal to eval.json's; the trackers get them all."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = tiny_run.run_dir
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    sources = list(yaml.safe_load((d / "config.yaml").read_text())["data"]["sources"])
+    train_rows = [r for r in rows if r["event"] == "train"]
+    for r in train_rows:
+        per = r["per_source"]
+        assert set(per) <= set(sources) and len(per) >= 2
+        weighted = sum(m["train_loss"] * m["tokens"] for m in per.values()) / sum(m["tokens"] for m in per.values())
+        assert weighted == pytest.approx(r["train_loss"], rel=1e-6)
+    assert sum(m["tokens"] for r in train_rows for m in r["per_source"].values()) == train_rows[-1]["tokens"]  # every target, once
+    final, last = json.loads((d / "eval.json").read_text()), [r for r in rows if r["event"] == "eval"][-1]
+    assert set(last["per_source"]) == set(sources)
+    for name, m in last["per_source"].items():
+        assert m["val_loss"] == pytest.approx(final["per_source"][name]["loss"], rel=1e-9)
+        assert m["val_bpb"] == pytest.approx(final["per_source"][name]["bpb"], rel=1e-9)
+    events = EventAccumulator(str(d / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"eval/per_source/{n}/val_loss" for n in sources} <= tags and f"train/per_source/{sources[0]}/train_loss" in tags
+
+
+@pytest.mark.e2e
 def test_adapter_loads_in_stock_peft_with_same_logits(tiny_run):
     from peft import PeftModel
 

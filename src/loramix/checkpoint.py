@@ -19,7 +19,7 @@ import hashlib
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ class TrainState:
     tokens_seen: int = 0
     log_nll: float = 0.0  # NLL and targets since the last logged row
     log_tokens: int = 0
+    log_by_source: list[list[float]] = field(default_factory=list)  # [NLL per source, targets per source] since then
     elapsed: float = 0.0
     skipped_steps: int = 0  # non-finite steps whose update was skipped
     bad_streak: int = 0

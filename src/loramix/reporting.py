@@ -55,6 +55,35 @@ def plot_curves(runs: list[Run], event: str, key: str, title: str, path: Path) -
     return path
 
 
+def plot_sources(run: Run, path: Path) -> Path:
+    """One line per source: training loss (smoothed) and validation loss, over optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
+    panels = [("train", "train_loss", "Training loss per source (smoothed)"), ("eval", "val_loss", "Validation loss per source")]
+    for ax, (event, key, title) in zip(axes, panels):
+        rows = [r for r in run.metrics if r["event"] == event and r.get("per_source")]
+        for k, name in enumerate(run.config.data.sources):
+            points = [(r["step"], r["per_source"][name][key]) for r in rows if name in r["per_source"]]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, smooth(list(values)) if event == "train" else values, color=f"C{k % 10}", marker=None if event == "train" else "o",
+                        linewidth=2, label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats per token)")
+    axes[1].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with replacing(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return path
+
+
 def _f(x, digits=4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -69,6 +98,7 @@ def blocks(runs: list[Run], images: dict[str, Path]) -> list[tuple]:
     out.append(("img", "Validation loss over optimizer steps", images["val"]))
     for run in runs:
         out += _run_blocks(run, len(runs) > 1)
+        out.append(("img", f"{run.name}: loss per source over optimizer steps", images[f"sources/{run.name}"]))
     return out
 
 
@@ -166,6 +196,7 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> tuple[Pat
     images = {
         "train": plot_curves(runs, "train", "train_loss", "Training loss", out_dir / "train_loss.png"),
         "val": plot_curves(runs, "eval", "val_loss", "Validation loss", out_dir / "val_loss.png"),
+        **{f"sources/{run.name}": plot_sources(run, out_dir / f"sources-{k}.png") for k, run in enumerate(runs)},
     }
     doc = blocks(runs, images)
     md, page = out_dir / "report.md", out_dir / "report.html"

@@ -51,8 +51,7 @@ class EventLog:
         self._forward(row)
 
     def _forward(self, row: dict) -> None:
-        scalars = {f"{row['event']}/{k}": float(v) for k, v in row.items()
-                   if k not in ("event", "step") and isinstance(v, (int, float)) and math.isfinite(v)}
+        scalars = _scalars({k: v for k, v in row.items() if k not in ("event", "step")}, f"{row['event']}/")
         for sink in self.sinks:
             if sink.lacks(row["event"], row["step"]):
                 sink.log(scalars, row["step"])
@@ -84,6 +83,17 @@ class EventLog:
         for sink in self.sinks:
             sink.close(status)
         self.sinks = []
+
+
+def _scalars(row: dict, prefix: str) -> dict[str, float]:
+    """A metrics row's finite numbers as tracker keys, nested ones joined by '/' (eval/per_source/squad/val_loss)."""
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[prefix + k] = float(v)
+    return out
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -205,6 +205,7 @@ class Loop:
     progress: bool
     state: ckpt.TrainState
     log_nll: torch.Tensor | None = None  # summed on the device between logged rows (no sync per step)
+    log_by_source: torch.Tensor | None = None  # (2, sources): NLL and targets per source, likewise
     started: float = 0.0  # when this process began (or resumed) training; state.elapsed is the time before
 
     @classmethod
@@ -224,14 +225,16 @@ class Loop:
                    EventLog(run_dir, cfg.track, enabled=dist.main, run_name=cfg.name, config=cfg.to_dict()), score, tokenizer.eos_token_id, progress,
                    ckpt.TrainState(eval_batch=cfg.eval.batch_size))
         loop.log_nll = torch.zeros((), dtype=torch.float64, device=device)
+        loop.log_by_source = torch.zeros((2, len(data.mixture.sources)), dtype=torch.float64, device=device)
         return loop
 
     def resume(self, path: Path) -> None:
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scaler, self.fingerprints, self.dist.rank, self.dist.world, self.log)
         self.score.batch_size = self.state.eval_batch
         self.metrics.rewind(self.state.metrics_bytes)  # rows logged after that checkpoint are logged again
-        if self.dist.main:  # rank 0 carries the saved sum for everyone
+        if self.dist.main:  # rank 0 carries the saved sums for everyone
             self.log_nll.fill_(self.state.log_nll)
+            self.log_by_source.copy_(torch.tensor(self.state.log_by_source, dtype=torch.float64))
         self.log(f"resumed from {path.name} (step {self.state.step} of {self.plan.total_steps})")
 
     def clock(self) -> float:
@@ -317,9 +320,11 @@ def _train_step(loop: Loop, step: Step, micro: list[Batch], lr: float, stop: boo
     for batch in micro:
         batch = batch.to(loop.device)
         with loop.autocast():
-            nll = token_nll(loop.model, batch).sum()
+            per_token = token_nll(loop.model, batch)
+            nll = per_token.sum()
         loop.scaler.scale(nll / n_targets).backward()
         loop.log_nll += nll.detach()
+        _add_by_source(loop.log_by_source, batch.target_source, per_token.detach())
     stopping = _sum_gradients(loop.params, loop.dist, stop)
     applied = _optimizer_step(loop.optimizer, loop.scaler, loop.params, loop.cfg.train.clip)
     state.step += 1
@@ -359,15 +364,27 @@ def _batches(loop: Loop, steps: list[Step]) -> torch.utils.data.DataLoader:
                                        pin_memory=cuda, prefetch_factor=4 if prefetch else None, generator=torch.Generator())
 
 
+def _add_by_source(sums: torch.Tensor, sources: torch.Tensor, nll: torch.Tensor) -> None:
+    """Add a micro-batch's NLL and target count per source into `sums` (2, sources), on the device: positions
+    without a target (source -1) add zero, so no mask has to be read back."""
+    has = sources >= 0
+    index = sources.clamp(min=0).reshape(-1)
+    sums[0].index_add_(0, index, (nll * has).reshape(-1).double())
+    sums[1].index_add_(0, index, has.reshape(-1).double())
+
+
 def _log_train(loop: Loop, epoch: int, lr: float, bar: Progress) -> None:
     state = loop.state
     loss = float(loop.dist.all_sum(loop.log_nll.clone())) / state.log_tokens
+    nll, targets = loop.dist.all_sum(loop.log_by_source.clone()).tolist()
+    per_source = {name: {"train_loss": n / t, "tokens": int(t)} for name, n, t in zip(loop.data.mixture.sources, nll, targets) if t}
     tokens_per_s = state.tokens_seen / max(loop.clock(), 1e-9)
     loop.metrics.write({"event": "train", "step": state.step, "epoch": state.step / loop.plan.steps_per_epoch, "lr": lr,
                         "train_loss": loss, "docs": state.docs_seen, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
-                        "elapsed_s": loop.clock(), "tokens_per_s": tokens_per_s})
+                        "elapsed_s": loop.clock(), "tokens_per_s": tokens_per_s, "per_source": per_source})
     bar.update(state.step, loss, lr, epoch, tokens_per_s, loop.log)
     loop.log_nll.zero_()
+    loop.log_by_source.zero_()
     state.log_tokens = 0
 
 
@@ -380,7 +397,8 @@ def _validate(loop: Loop) -> EvalResult:
     loop.metrics.write({"event": "eval", "step": state.step, "epoch": state.step / loop.plan.steps_per_epoch, "val_loss": o_loss,
                         "val_ppl": result.overall.ppl, "val_bpt": result.overall.bpt, "val_bpb": result.overall.bpb,
                         "tokens": state.tokens_seen, "elapsed_s": loop.clock(), "samples_per_s": result.samples_per_s,
-                        "eval_tokens_per_s": result.tokens_per_s})
+                        "eval_tokens_per_s": result.tokens_per_s,
+                        "per_source": {n: {"val_loss": m.loss, "val_ppl": m.ppl, "val_bpb": m.bpb} for n, m in result.per_source.items()}})
     loop.log(f"step {state.step}: val loss {o_loss:.4f}, ppl {result.overall.ppl:.2f}")
     return result
 
@@ -388,6 +406,7 @@ def _validate(loop: Loop) -> EvalResult:
 def _checkpoint(loop: Loop) -> Path:
     state, dist = loop.state, loop.dist
     state.elapsed, state.metrics_bytes, state.log_nll = loop.clock(), loop.metrics.size(), float(dist.all_sum(loop.log_nll.clone()))
+    state.log_by_source = dist.all_sum(loop.log_by_source.clone()).tolist()
     loop.started = time.perf_counter()  # state.elapsed now holds the time so far
     rng_states = dist.gather(ckpt.local_rng_state())
     path = ckpt.checkpoints_dir(loop.run_dir) / f"step-{state.step:07d}"
