@@ -14,7 +14,7 @@ from loramix.data.tokens import tokenize_documents
 from loramix.errors import LoramixError
 from loramix.model import load_tokenizer
 
-from conftest import REAL_DATA
+from conftest import REAL_DATA, ROOT
 
 
 def _write_jsonl(path, rows):
@@ -266,3 +266,69 @@ def test_real_samples_render_with_builtin_templates():
         assert len(docs) == 5 and all(d.text.strip() for d in docs)
     squad = load_documents("squad", cfg.data.sources["squad"], cfg.data, 1)[0].text
     assert "\n\nQuestion: " in squad and "\nAnswer: " in squad
+
+
+# ------------------------------------------------------------------ data.mix: static strategies
+
+
+def _mixed(cache_dir, *extra):
+    from loramix.data.prepare import prepare_data
+    from loramix.model import load_tokenizer
+
+    cfg = load_config(None, ["data.local_dir=@demo", "data.cap=60", "data.seq_len=64", f"data.cache_dir={cache_dir}", *extra])
+    return cfg, prepare_data(cfg.data, load_tokenizer(cfg.model), log=lambda *a: None)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("unit", ["tokens", "docs"])
+def test_proportions_are_met_in_the_actual_batches(cache_dir, unit):
+    """Target shares of one epoch's training units, counted in the collated batches the loop trains on."""
+    from loramix.data.packing import collate, epoch_steps
+    from loramix.training import batching
+
+    shares = {"squad": 0.5, "imdb": 0.3, "ag_news": 0.2}
+    cfg, data = _mixed(cache_dir, "data.sources=[squad,imdb,ag_news]", "data.mix.strategy=proportions", f"data.mix.unit={unit}",
+                       "data.mix.proportions={squad: 0.5, imdb: 0.3, ag_news: 0.2}", "data.mix.budget=" + ("6000" if unit == "tokens" else "150"))
+    got = np.zeros(3)
+    for step in epoch_steps(data.train_lengths, batching(cfg), cfg.train.seed, 0):
+        for mb in step:
+            batch = collate([[data.train[i] for i in row] for row in mb], 0)
+            for k in range(3):
+                if unit == "tokens":
+                    got[k] += int((batch.target_source == k).sum())
+                else:
+                    got[k] += sum(data.train[i].source == k for row in mb for i in row)
+    assert got.sum() == pytest.approx(6000 if unit == "tokens" else 150, rel=0.01)
+    for k, name in enumerate(data.mixture.sources):
+        assert abs(got[k] / got.sum() - shares[name]) < 0.01
+    mixed = data.mixture.manifest["mix"]["sources"]
+    passes = [m["epochs"] for m in mixed.values()]
+    assert max(passes) > 1 > min(passes)  # one source short of its share is drawn again, a larger one only in part
+
+
+@pytest.mark.unit
+def test_temperature_shares_follow_size_to_the_one_over_t(cache_dir):
+    _, natural = _mixed(cache_dir)
+    _, tempered = _mixed(cache_dir, "data.mix.strategy=temperature", "data.mix.temperature=2")
+    sizes = np.array([m["tokens"] for m in natural.mixture.manifest["mix"]["sources"].values()], dtype=float)
+    expected = sizes ** 0.5 / (sizes ** 0.5).sum()
+    got = [m["share_tokens"] for m in tempered.mixture.manifest["mix"]["sources"].values()]
+    assert np.abs(np.array(got) - expected).max() < 0.01
+    assert abs(sum(m["tokens"] for m in tempered.mixture.manifest["mix"]["sources"].values()) - sizes.sum()) < 0.01 * sizes.sum()  # same budget
+    assert [len(s.tokens) for s in natural.train] == [len(s.tokens) for s in _mixed(cache_dir, "data.mix.strategy=weights")[1].train]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("extra, message", [
+    (["data.mix.proportions={squad: 0.5, imdb: 0.4}"], "data.mix.proportions sum to 0.9, not 1; scale them so they add up to 1"),
+    (["data.mix.proportions={squad: 0.5, imbd: 0.5}"], "data.mix.proportions.imbd: not a training source (the sources are: squad, imdb)"),
+    (["data.mix.strategy=temperature", "data.mix.temperature=0"], "data.mix.temperature=0.0 must be > 0"),
+])
+def test_bad_mixtures_fail_in_one_line_and_write_nothing(cache_dir, tmp_path, capsys, extra, message):
+    from loramix.cli import main
+
+    strategy = [] if any("strategy" in e for e in extra) else ["data.mix.strategy=proportions"]
+    rc = main(["train", "-c", str(ROOT / "configs" / "demo.yaml"), "data.sources=[squad,imdb]", f"data.cache_dir={cache_dir}", *strategy, *extra,
+               "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "\n" not in err and not (tmp_path / "r").exists()

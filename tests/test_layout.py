@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loramix"
 # only modules of lower layers.
 LAYERS = [
     ["errors"], ["files"], ["config"], ["runtime"],
-    ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.prepare"],
+    ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.sampling"], ["data.prepare"],
     ["gguf_bases"], ["model"], ["loss"], ["probe"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
     ["training", "export", "generation", "reporting"], ["batching", "serve_api"], ["serve"],
     ["commands"], ["cli"], ["__main__", "__init__"],

@@ -184,6 +184,20 @@ Sources = Annotated[dict[str, SourceConfig], WrapValidator(_sources)]
 
 
 @_section
+class MixConfig:
+    strategy: Choice[Literal["weights", "proportions", "temperature"]] = F(
+        "weights", "'weights': every training example as is, data.sources.<name>.weight repeating a source; 'proportions': each source's share "
+                   "of the training units set by data.mix.proportions; 'temperature': shares proportional to size^(1/T)")
+    unit: Choice[Literal["tokens", "docs"]] = F("tokens", "what shares count: target tokens (what the loss sees) or documents")
+    proportions: dict[str, Annotated[Float, Field(ge=0, le=1)]] = F(doc="with strategy=proportions: every source's share, summing to 1, "
+                                                                        "e.g. {squad: 0.5, imdb: 0.5}", factory=dict)
+    temperature: Positive[Float] = F(1.0, "with strategy=temperature: T (1 = proportional to size, larger flattens toward uniform, smaller "
+                                          "sharpens toward the largest source)")
+    budget: Positive[Int] | None = F(None, "training units per epoch with proportions or temperature (default: as many as the sources hold); "
+                                           "a source short of its share is sampled with replacement, a larger one without")
+
+
+@_section
 class DataConfig:
     sources: Annotated[Sources, Field(min_length=1)] = F(doc="named sources; a known name (wikitext, squad, ...) fills its own defaults",
                                                          factory=lambda: {n: SourceConfig(**d) for n, d in BUILTIN_SOURCES.items()})
@@ -202,6 +216,7 @@ class DataConfig:
                                          "order, so sources stay mixed)")
     seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
     cache_dir: str = F(DEFAULT_CACHE, "where tokenized data, generated demo data and dequantized GGUF bases are cached", trains=False, scoring=True)
+    mix: MixConfig = F(doc="how much of each source trains (data.mix.strategy)", factory=MixConfig)
 
     def cap_for(self, spec: SourceConfig) -> int | None:
         """The cap a source is sampled to: its own, else the mixture-wide data.cap."""
@@ -361,11 +376,29 @@ def config_from_dict(raw: Any, what: str = "saved config") -> Config:
     except ValidationError as e:
         raise LoramixError(f"bad {what}: " + "; ".join(_message(err) for err in e.errors())) from e
     # Checks across sections run once every field is valid.
-    overlap = [f"eval.forgetting_sources.{n} is also a training source; a forgetting check needs sources the adapter never saw"
-               for n in cfg.eval.forgetting_sources if n in cfg.data.sources]
-    if overlap:
-        raise LoramixError(f"bad {what}: " + "; ".join(overlap))
+    problems = [f"eval.forgetting_sources.{n} is also a training source; a forgetting check needs sources the adapter never saw"
+                for n in cfg.eval.forgetting_sources if n in cfg.data.sources] + _mix_problems(cfg.data)
+    if problems:
+        raise LoramixError(f"bad {what}: " + "; ".join(problems))
     return cfg
+
+
+def _mix_problems(data: DataConfig) -> list[str]:
+    mix, names = data.mix, list(data.sources)
+    out = [f"data.mix.proportions.{n}: not a training source (the sources are: {', '.join(names)})" for n in mix.proportions if n not in names]
+    if mix.strategy == "proportions":
+        missing = [n for n in names if n not in mix.proportions]
+        if missing:
+            out.append(f"data.mix.proportions lacks {', '.join(missing)}; give every source a share (0 leaves one out)")
+        total = sum(mix.proportions.values())
+        if abs(total - 1) > 1e-6:
+            out.append(f"data.mix.proportions sum to {total:g}, not 1; scale them so they add up to 1")
+    elif mix.proportions:
+        out.append(f"data.mix.proportions applies with data.mix.strategy=proportions, not {mix.strategy}")
+    if mix.strategy != "weights":
+        out += [f"data.sources.{n}.weight={s.weight:g} applies with data.mix.strategy=weights; drop it or set the shares with data.mix"
+                for n, s in data.sources.items() if s.weight != 1]
+    return out
 
 
 def _apply_override(raw: dict, item: str) -> None:

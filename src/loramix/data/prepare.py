@@ -9,6 +9,7 @@ import numpy as np
 from loramix.config import DataConfig, SourceConfig
 from loramix.data.mixture import Mixture, build_mixture
 from loramix.data.packing import Row, Segment, make_segments, pack_eval_rows
+from loramix.data.sampling import mix_segments
 from loramix.data.sources import Document, load_documents
 from loramix.data.tokens import tokenize_documents
 
@@ -39,8 +40,10 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
         data = _with_local_dir(data, str(ensure_demo_data(data.cache_dir)))
     log("data:")
     mixture = build_mixture(data, log)
-    prepared = Prepared(mixture, _segments(mixture.train, mixture.sources, tokenizer, data, log),
-                        pack_eval_rows(_segments(mixture.val, mixture.sources, tokenizer, data, log), data.seq_len, data.packing))
+    train, mixed = mix_segments(_segments(mixture.train, mixture.sources, tokenizer, data, log), mixture.sources, data.mix, data.seed)
+    mixture.manifest["mix"] = {"strategy": data.mix.strategy, "unit": data.mix.unit, "sources": mixed}
+    _log_mix(mixed, data, log)
+    prepared = Prepared(mixture, train, pack_eval_rows(_segments(mixture.val, mixture.sources, tokenizer, data, log), data.seq_len, data.packing))
     if forgetting_sources:
         prepared.forgetting_sources = list(forgetting_sources)
         docs = [d for name, spec in forgetting_sources.items() for d in load_documents(name, spec, data, data.cap_for(spec))]
@@ -48,6 +51,13 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
         segments = _segments(docs, prepared.forgetting_sources, tokenizer, data, log)
         prepared.forgetting_rows = pack_eval_rows(segments, data.seq_len, data.packing)
     return prepared
+
+
+def _log_mix(mixed: dict, data: DataConfig, log) -> None:
+    """Each source's share of the epoch's documents and target tokens, and how many passes over it that is."""
+    log(f"  mix ({data.mix.strategy}" + (f", by {data.mix.unit}" if data.mix.strategy != "weights" else "") + "): share of documents / tokens, passes")
+    for name, m in mixed.items():
+        log(f"  {name:<18} {100 * m['share_docs']:>5.1f}% / {100 * m['share_tokens']:>5.1f}%  x{m['epochs']:.2f}  ({m['docs']:,} docs, {m['tokens']:,} tokens)")
 
 
 def _segments(docs: list[Document], sources: list[str], tokenizer, data: DataConfig, log) -> list[Segment]:
