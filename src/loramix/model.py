@@ -371,7 +371,12 @@ class LoraDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, training=True)
-        return torch.where(self.keep(x), x * self.scale, 0.0)
+        return _drop(x, self.keep(x), self.scale)
+
+
+def _drop(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """Inverted dropout under a given mask: kept elements scaled by `scale`, the rest 0."""
+    return torch.where(keep, x * scale, 0.0)
 
 
 class _DroppedMatmul(torch.autograd.Function):
@@ -382,15 +387,15 @@ class _DroppedMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(x, weight, keep)
         ctx.scale = scale
-        return torch.where(keep, x * scale, 0.0) @ weight.T
+        return _drop(x, keep, scale) @ weight.T
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, keep = ctx.saved_tensors
-        grad_x = torch.where(keep, (grad @ weight) * ctx.scale, 0.0) if ctx.needs_input_grad[0] else None
+        grad_x = _drop(grad @ weight, keep, ctx.scale) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            dropped = torch.where(keep, x * ctx.scale, 0.0)
+            dropped = _drop(x, keep, ctx.scale)
             grad_w = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
         return grad_x, grad_w, None, None
 
