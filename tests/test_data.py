@@ -323,6 +323,10 @@ def test_temperature_shares_follow_size_to_the_one_over_t(cache_dir):
     (["data.mix.proportions={squad: 0.5, imdb: 0.4}"], "data.mix.proportions sum to 0.9, not 1; scale them so they add up to 1"),
     (["data.mix.proportions={squad: 0.5, imbd: 0.5}"], "data.mix.proportions.imbd: not a training source (the sources are: squad, imdb)"),
     (["data.mix.strategy=temperature", "data.mix.temperature=0"], "data.mix.temperature=0.0 must be > 0"),
+    (["data.mix.strategy=adaptive", "data.mix.objective=[squad, imbd]"],
+     "data.mix.objective=squad,imbd: name worst, average, or training sources (the sources are: squad, imdb)"),
+    (["data.mix.strategy=adaptive", "data.mix.floor=0.5"], "data.mix.floor=0.5 x 2 sources leaves no share to move; lower it below 0.5"),
+    (["data.mix.strategy=adaptive", "data.mix.budget=100"], "data.mix.budget applies with proportions or temperature"),
 ])
 def test_bad_mixtures_fail_in_one_line_and_write_nothing(cache_dir, tmp_path, capsys, extra, message):
     from loramix.cli import main
@@ -332,3 +336,78 @@ def test_bad_mixtures_fail_in_one_line_and_write_nothing(cache_dir, tmp_path, ca
                "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and "\n" not in err and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ data.mix: adaptive
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("batch_unit", ["docs", "rows"])
+def test_adaptive_steps_meet_their_weights_in_the_actual_batches(cache_dir, batch_unit):
+    """Between two reweightings the drawn steps give each source its weight's share of the target tokens
+    (within 1%), counted in the collated batches; the draw is a pure function of (weights, segments taken)."""
+    from loramix.data.packing import collate
+    from loramix.data.sampling import Steered
+    from loramix.training import batching
+
+    cfg, data = _mixed(cache_dir, "data.sources=[squad,imdb,ag_news]", "data.cap=200", f"train.batch_unit={batch_unit}")
+    steered = Steered(data.train, 3, batching(cfg), "tokens", seed=0)
+    weights = [0.2, 0.3, 0.5]
+    steps, taken = steered.steps(weights, [0, 0, 0], 30)
+    got = np.zeros(3)
+    for step in steps:
+        rows = [row for mb in step for row in mb]
+        assert len(rows) <= cfg.train.micro_batch * cfg.train.grad_accum and all(sum(len(data.train[i].tokens) for i in r) <= 64 for r in rows)
+        if batch_unit == "docs":
+            assert sum(len(r) for r in rows) == cfg.train.micro_batch * cfg.train.grad_accum
+        for mb in step:
+            sources = collate([[data.train[i] for i in row] for row in mb], 0).target_source
+            got += [int((sources == k).sum()) for k in range(3)]
+    assert np.abs(got / got.sum() - weights).max() < 0.01, got / got.sum()
+    assert sum(taken) == sum(len(row) for step in steps for mb in step for row in mb)
+    assert taken[2] > len(steered.members[2])  # ag_news (short) gives its share in more than one pass
+    again, taken_again = Steered(data.train, 3, batching(cfg), "tokens", seed=0).steps(weights, [0, 0, 0], 30)
+    assert again == steps and taken_again == taken
+    for k, members in enumerate(steered.members):  # each source read in whole shuffled passes: no segment twice before all once
+        drawn = [i for step in steps for mb in step for row in mb for i in row if data.train[i].source == k]
+        times = np.bincount(drawn, minlength=len(data.train))[members]
+        assert times.max() - times.min() <= 1 and times.sum() == taken[k]
+
+
+@pytest.mark.unit
+def test_reweight_follows_group_dro_and_online_data_mixing():
+    from loramix.config import MixConfig
+    from loramix.data.sampling import reweight
+
+    names = ["a", "b", "c"]
+    start = {"weights": [1 / 3] * 3, "raw": [1 / 3] * 3, "taken": [0, 0, 0], "running": [None] * 3}
+    nll, targets = np.array([300.0, 200.0, 100.0]), np.array([100.0, 100.0, 100.0])  # losses 3, 2, 1 nats
+    worst = MixConfig(strategy="adaptive", objective=["worst"], step=0.5, floor=0.1, smoothing=0.5)
+    one = reweight(worst, names, start, nll, targets)
+    raw = np.exp(0.5 * np.array([3.0, 2.0, 1.0]))
+    np.testing.assert_allclose(one["raw"], raw / raw.sum())
+    np.testing.assert_allclose(one["weights"], 0.7 * raw / raw.sum() + 0.1)  # DoReMi's smoothing: every share >= the floor
+    assert one["running"] == [3.0, 2.0, 1.0]
+    two = reweight(worst, names, one, np.array([100.0, 200.0, 0.0]), np.array([100.0, 100.0, 0.0]))  # c unseen: keeps its estimate
+    assert two["running"] == [2.0, 2.0, 1.0]  # smoothed: 0.5 x 3 + 0.5 x 1 for a
+    raw2 = np.array(one["raw"]) * np.exp(0.5 * np.array([2.0, 2.0, 1.0]))
+    np.testing.assert_allclose(two["raw"], raw2 / raw2.sum())  # Group DRO accumulates
+    flat = reweight(worst, names, {**start, "raw": [0.5, 0.3, 0.2]}, np.array([100.0] * 3), targets)
+    np.testing.assert_allclose(flat["raw"], [0.5, 0.3, 0.2])  # equal losses: no drift toward uniform
+    average = MixConfig(strategy="adaptive", objective=["average"], step=0.5, floor=0.1)
+    for state in (start, one):  # online data mixing: a softmax of the current estimates, whatever came before
+        np.testing.assert_allclose(reweight(average, names, {**state, "running": [None] * 3}, nll, targets)["raw"], raw / raw.sum())
+    listed = reweight(MixConfig(strategy="adaptive", objective=["c"], step=0.5, floor=0.1), names, start, nll, targets)
+    assert listed["raw"][2] > listed["raw"][0] == pytest.approx(listed["raw"][1])  # only the listed source gains, however low its loss
+
+
+@pytest.mark.e2e
+def test_adaptive_dry_run_names_its_start_and_schedule(cache_dir, tmp_path, capsys):
+    from loramix.cli import main
+
+    rc = main(["train", "-c", str(ROOT / "configs" / "demo.yaml"), "model.init=random", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+               "data.sources=[squad,imdb]", f"data.cache_dir={cache_dir}", "data.mix.strategy=adaptive", "data.mix.objective=[squad]",
+               "data.mix.proportions={squad: 0.2, imdb: 0.8}", "--dry-run", "--run-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert rc == 0 and not (tmp_path / "r").exists()
+    assert "adaptive: from data.mix.proportions, every 10 steps toward squad (step 0.5, floor 0.25, smoothing 0.5)" in out

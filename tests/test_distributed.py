@@ -65,6 +65,23 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
 
 
 @pytest.mark.parity
+def test_adaptive_mixture_on_two_processes_matches_one(tmp_path, cache_dir):
+    """The weights come from every process's per-source sums: 2 processes reweight as 1 does, and so draw
+    the same steps and train to the same losses."""
+    adaptive = ["data.mix.strategy=adaptive", "data.mix.every=2", "data.mix.step=2"]
+    _launch(1, _args(cache_dir, 4) + adaptive + ["--run-dir", str(tmp_path / "one")])
+    _launch(2, _args(cache_dir, 2) + adaptive + ["--run-dir", str(tmp_path / "two")])
+    one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    _assert_rows_close(two, one)
+    moves = [(r, s) for r, s in zip(one, two) if r["event"] == "mix"]
+    assert [r["step"] for r, _ in moves] == [0, 2, 4, 6]
+    for r, s in moves:
+        assert s["weights"] == pytest.approx(r["weights"], rel=1e-6)
+    assert moves[-1][0]["weights"] != moves[0][0]["weights"]
+    _assert_adapters_close(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parity
 def test_eval_on_two_processes_equals_one(runs, tmp_path):
     one, _ = runs
     _launch(1, ["eval", str(one), "--out", str(tmp_path / "e1.json"), "--quiet"])

@@ -123,7 +123,7 @@ def test_wandb_mlflow_and_tensorboard_stay_one_run_across_a_kill(tmp_path, cache
     cmd = [sys.executable, CRASHING, "train", "-c", DEMO, "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
            "data.cap=24", "data.seq_len=64", f"data.cache_dir={cache_dir}", "data.sources=[tinystories, squad]", "train.max_steps=6",
            "train.micro_batch=2", "train.grad_accum=1", "train.log_every=1", "train.eval_every=2", "checkpoint.every=2",
-           "eval.base_compare=false", "track.wandb=true", "track.mlflow=true", "track.project=loramix-test",
+           "eval.base_compare=false", "data.mix.strategy=adaptive", "data.mix.every=2", "track.wandb=true", "track.mlflow=true", "track.project=loramix-test",
            "--run-dir", str(run_dir), "--resume", "--quiet"]
     killed = subprocess.run(cmd, env={**env, "LORAMIX_CRASH_AT": "step-5"}, capture_output=True, text=True, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -141,8 +141,12 @@ def test_wandb_mlflow_and_tensorboard_stay_one_run_across_a_kill(tmp_path, cache
     client = mlflow.MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("loramix-test").experiment_id])
     assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
-    for key, expected in (("train/train_loss", train), ("eval/val_loss", evals)):
-        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) == expected
+    weights = [(r["step"], r["weights"]["squad"]) for r in rows if r["event"] == "mix"]
+    assert [s for s, _ in weights] == [0, 2, 4, 6] and len({w for _, w in weights}) == 4  # adaptive: the weights moved at each update
+    per_source = {f"{e}/per_source/squad/{k}": [(r["step"], r["per_source"]["squad"][k]) for r in rows if r["event"] == e]
+                  for e, k in (("train", "train_loss"), ("eval", "val_loss"), ("eval", "val_bpb"))}
+    for key, expected in (("train/train_loss", train), ("eval/val_loss", evals), ("mix/weights/squad", weights), *per_source.items()):
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) == expected, key
     assert run.data.params["lora.r"] == "8" and run.data.params["data.sources.squad.hub_id"] == "rajpurkar/squad"
     assert run.data.metrics["final/overall/loss"] == pytest.approx(final["overall"]["loss"])
     assert run.data.metrics["final/squad/bpb"] == pytest.approx(final["per_source"]["squad"]["bpb"])
@@ -153,6 +157,7 @@ def test_wandb_mlflow_and_tensorboard_stay_one_run_across_a_kill(tmp_path, cache
     history = [_items(r.history.item) for r in records if r.HasField("history")]
     assert [(h["_step"], h["train/train_loss"]) for h in history if "train/train_loss" in h] == train
     assert [(h["_step"], h["eval/val_loss"]) for h in history if "eval/val_loss" in h] == evals
+    assert [(h["_step"], h["mix/weights/squad"]) for h in history if "mix/weights/squad" in h] == weights
     summary = {k: v for r in records if r.HasField("summary") for k, v in _items(r.summary.update).items()}
     assert summary["final/overall/loss"] == pytest.approx(final["overall"]["loss"])
     config = {k: v for r in records if r.HasField("run") for k, v in _items(r.run.config.update).items()}
@@ -163,3 +168,6 @@ def test_wandb_mlflow_and_tensorboard_stay_one_run_across_a_kill(tmp_path, cache
     tensorboard = [(e.step, e.value) for e in acc.Scalars("train/train_loss")]
     assert [s for s, _ in tensorboard] == [s for s, _ in train]
     assert [v for _, v in tensorboard] == pytest.approx([v for _, v in train], rel=1e-6)  # stored as float32
+    assert [e.step for e in acc.Scalars("mix/weights/squad")] == [0, 2, 4, 6]
+    assert [e.value for e in acc.Scalars("eval/per_source/squad/val_loss")] == pytest.approx([v for _, v in per_source["eval/per_source/squad/val_loss"]],
+                                                                                           rel=1e-6)

@@ -49,6 +49,7 @@ class TrainState:
     eval_batch: int | None = None
     val_loss: float | None = None  # of the evaluation at this step, if one ran
     metrics_bytes: int = 0
+    mix: dict = field(default_factory=dict)  # data.mix.strategy=adaptive: weights, segments taken per source, running losses, interval sums
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -199,7 +200,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: dict, ra
     random.setstate((py[0], tuple(py[1]), py[2]))
     npr = raw.pop("numpy_rng")
     np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
-    return TrainState(**{k: raw[k] for k in TrainState.__dataclass_fields__})
+    return TrainState(**{k: raw[k] for k in TrainState.__dataclass_fields__ if k in raw})  # a field added later keeps its default
 
 
 def _py_rng() -> list:

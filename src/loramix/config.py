@@ -185,16 +185,25 @@ Sources = Annotated[dict[str, SourceConfig], WrapValidator(_sources)]
 
 @_section
 class MixConfig:
-    strategy: Choice[Literal["weights", "proportions", "temperature"]] = F(
+    strategy: Choice[Literal["weights", "proportions", "temperature", "adaptive"]] = F(
         "weights", "'weights': every training example as is, data.sources.<name>.weight repeating a source; 'proportions': each source's share "
-                   "of the training units set by data.mix.proportions; 'temperature': shares proportional to size^(1/T)")
+                   "of the training units set by data.mix.proportions; 'temperature': shares proportional to size^(1/T); 'adaptive': shares that "
+                   "move every data.mix.every steps toward the sources behind on data.mix.objective")
     unit: Choice[Literal["tokens", "docs"]] = F("tokens", "what shares count: target tokens (what the loss sees) or documents")
     proportions: dict[str, Annotated[Float, Field(ge=0, le=1)]] = F(doc="with strategy=proportions: every source's share, summing to 1, "
-                                                                        "e.g. {squad: 0.5, imdb: 0.5}", factory=dict)
+                                                                        "e.g. {squad: 0.5, imdb: 0.5}; with adaptive: the starting shares "
+                                                                        "(default: each source's share of the training set)", factory=dict)
     temperature: Positive[Float] = F(1.0, "with strategy=temperature: T (1 = proportional to size, larger flattens toward uniform, smaller "
                                           "sharpens toward the largest source)")
     budget: Positive[Int] | None = F(None, "training units per epoch with proportions or temperature (default: as many as the sources hold); "
                                            "a source short of its share is sampled with replacement, a larger one without")
+    objective: Names = F(doc="with adaptive: [worst] (lower the worst source's loss: Group DRO), [average] (the mean over sources: online data "
+                             "mixing), or source names (the worst of those)", factory=lambda: ["worst"])
+    every: Positive[Int] = F(10, "with adaptive: optimizer steps between weight updates")
+    step: Positive[Float] = F(0.5, "with adaptive: the update's step size per nat of loss (larger moves the weights faster)")
+    floor: Unit | None = F(None, "with adaptive: every source's least share, so none is ever starved (times the sources, below 1); null: 0.5 / sources, "
+                                 "half the mixture uniform")
+    smoothing: Unit = F(0.5, "with adaptive: weight of the previous estimate in each source's running loss (0: the last interval alone)")
 
 
 @_section
@@ -386,7 +395,7 @@ def config_from_dict(raw: Any, what: str = "saved config") -> Config:
 def _mix_problems(data: DataConfig) -> list[str]:
     mix, names = data.mix, list(data.sources)
     out = [f"data.mix.proportions.{n}: not a training source (the sources are: {', '.join(names)})" for n in mix.proportions if n not in names]
-    if mix.strategy == "proportions":
+    if mix.strategy == "proportions" or (mix.strategy == "adaptive" and mix.proportions):
         missing = [n for n in names if n not in mix.proportions]
         if missing:
             out.append(f"data.mix.proportions lacks {', '.join(missing)}; give every source a share (0 leaves one out)")
@@ -394,7 +403,15 @@ def _mix_problems(data: DataConfig) -> list[str]:
         if abs(total - 1) > 1e-6:
             out.append(f"data.mix.proportions sum to {total:g}, not 1; scale them so they add up to 1")
     elif mix.proportions:
-        out.append(f"data.mix.proportions applies with data.mix.strategy=proportions, not {mix.strategy}")
+        out.append(f"data.mix.proportions applies with data.mix.strategy=proportions or adaptive, not {mix.strategy}")
+    if mix.strategy == "adaptive":
+        goals = mix.objective
+        if goals not in (["worst"], ["average"]) and not all(n in names for n in goals):
+            out.append(f"data.mix.objective={','.join(goals)}: name worst, average, or training sources (the sources are: {', '.join(names)})")
+        if mix.floor is not None and len(names) * mix.floor >= 1:
+            out.append(f"data.mix.floor={mix.floor:g} x {len(names)} sources leaves no share to move; lower it below {1 / len(names):g}")
+        if mix.budget:
+            out.append("data.mix.budget applies with proportions or temperature; an adaptive run's length is train.epochs or train.max_steps")
     if mix.strategy != "weights":
         out += [f"data.sources.{n}.weight={s.weight:g} applies with data.mix.strategy=weights; drop it or set the shares with data.mix"
                 for n, s in data.sources.items() if s.weight != 1]

@@ -55,27 +55,48 @@ def plot_curves(runs: list[Run], event: str, key: str, title: str, path: Path) -
     return path
 
 
+def mixture_weights(run: Run) -> dict[str, list[tuple[int, float]]]:
+    """Each source's share of the training units over optimizer steps: an adaptive run's 'mix' rows, else the
+    static mix's share (manifest.json) from the first step to the last."""
+    moves = [r for r in run.metrics if r["event"] == "mix"]
+    if moves:
+        return {name: [(r["step"], r["weights"][name]) for r in moves] for name in moves[0]["weights"]}
+    mix = run.manifest.get("mix")
+    last = max((r["step"] for r in run.metrics), default=0)
+    if not mix or not last:
+        return {}
+    key = "share_docs" if mix.get("unit") == "docs" and mix.get("strategy") != "weights" else "share_tokens"
+    return {name: [(0, m[key]), (last, m[key])] for name, m in mix["sources"].items()}
+
+
 def plot_sources(run: Run, path: Path) -> Path:
-    """One line per source: training loss (smoothed) and validation loss, over optimizer steps."""
+    """One line per source: training loss (smoothed), validation loss, and the mixture's weights, over optimizer steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), dpi=120)
     panels = [("train", "train_loss", "Training loss per source (smoothed)"), ("eval", "val_loss", "Validation loss per source")]
+    colors = {name: f"C{k % 10}" for k, name in enumerate(run.config.data.sources)}
     for ax, (event, key, title) in zip(axes, panels):
         rows = [r for r in run.metrics if r["event"] == event and r.get("per_source")]
-        for k, name in enumerate(run.config.data.sources):
+        for name, color in colors.items():
             points = [(r["step"], r["per_source"][name][key]) for r in rows if name in r["per_source"]]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, smooth(list(values)) if event == "train" else values, color=f"C{k % 10}", marker=None if event == "train" else "o",
+                ax.plot(steps, smooth(list(values)) if event == "train" else values, color=color, marker=None if event == "train" else "o",
                         linewidth=2, label=name)
-        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats per token)")
         ax.set_title(title)
+    for name, points in mixture_weights(run).items():
+        steps, values = zip(*points)
+        axes[2].step(steps, values, where="post", color=colors.get(name), linewidth=2, label=name)
+    axes[2].set_ylabel("share of the training units")
+    axes[2].set_title(f"Mixture weights ({run.config.data.mix.strategy})")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (nats per token)")
     axes[1].legend(loc="best", fontsize=8)
     fig.tight_layout()
     with replacing(path) as tmp:
@@ -98,7 +119,7 @@ def blocks(runs: list[Run], images: dict[str, Path]) -> list[tuple]:
     out.append(("img", "Validation loss over optimizer steps", images["val"]))
     for run in runs:
         out += _run_blocks(run, len(runs) > 1)
-        out.append(("img", f"{run.name}: loss per source over optimizer steps", images[f"sources/{run.name}"]))
+        out.append(("img", f"{run.name}: loss per source and the mixture's weights over optimizer steps", images[f"sources/{run.name}"]))
     return out
 
 

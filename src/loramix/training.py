@@ -24,6 +24,7 @@ from loramix.card import model_card
 from loramix.config import Config, config_diff
 from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps
 from loramix.data.prepare import Prepared
+from loramix.data.sampling import Steered, reweight, start_state
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult, Scorer, forgetting_check, format_table
 from loramix.files import read_json, write_json
@@ -83,15 +84,40 @@ def batching(cfg: Config, world: int = 1) -> Batching:
     return Batching(d.packing, t.batch_unit, t.micro_batch, t.grad_accum, d.seq_len, d.pack_window, world)
 
 
-def make_plan(cfg: Config, data: Prepared, model, world: int = 1) -> tuple[Plan, list[list[Step]]]:
-    """Every epoch's optimizer steps, decided up front (a pure function of data, config and the global
-    batch), and their summary. Every process computes the same plan and takes its share of each step."""
-    lengths = data.train_lengths
-    schedule = [epoch_steps(lengths, batching(cfg, world), cfg.train.seed, e) for e in range(cfg.train.epochs)]
-    total = sum(len(steps) for steps in schedule)
+@dataclass
+class Schedule:
+    """Which optimizer steps come next. Static mixtures: every epoch's steps, decided up front (a pure
+    function of data, config and the global batch). data.mix.strategy=adaptive: one interval of
+    data.mix.every steps at a time, drawn from the state's current weights (`Steered`); an epoch is as many
+    steps as one pass over the pool takes."""
+
+    epochs: list[list[Step]]
+    steered: Steered | None
+    steps_per_epoch: int
+    total: int
+    every: int
+
+    def upcoming(self, state: ckpt.TrainState) -> tuple[list[tuple[int, Step]], list[int] | None]:
+        """(epoch, step) from state.step to the end (static) or to the end of its interval (adaptive), with,
+        for adaptive, the segments taken per source once the interval is done."""
+        if self.steered is None:
+            return [(e, step) for e, ep in enumerate(self.epochs) for step in ep][state.step : self.total], None
+        first = state.step - state.step % self.every
+        steps, taken = self.steered.steps(state.mix["weights"], state.mix["taken"], min(first + self.every, self.total) - first)
+        return [(k // self.steps_per_epoch, step) for k, step in enumerate(steps, first)][state.step - first :], taken
+
+
+def make_plan(cfg: Config, data: Prepared, model, world: int = 1) -> tuple[Plan, Schedule]:
+    """The optimizer steps and their summary (for adaptive, the summary of a static first epoch). Every
+    process computes the same steps and takes its share of each."""
+    lengths, b, adaptive = data.train_lengths, batching(cfg, world), cfg.data.mix.strategy == "adaptive"
+    epochs = [epoch_steps(lengths, b, cfg.train.seed, e) for e in range(1 if adaptive else cfg.train.epochs)]
+    total = len(epochs[0]) * cfg.train.epochs if adaptive else sum(len(steps) for steps in epochs)
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
-    first = schedule[0]
+    first = epochs[0]
+    steered = Steered(data.train, len(data.mixture.sources), b, cfg.data.mix.unit, cfg.train.seed) if adaptive else None
+    schedule = Schedule(epochs, steered, len(first), total, cfg.data.mix.every)
     rows = [row for step in first for mb in step for row in mb]
     tokens = int(sum(lengths[i] for row in rows for i in row))
     trainable, total_params = count_parameters(model)
@@ -206,6 +232,7 @@ class Loop:
     state: ckpt.TrainState
     log_nll: torch.Tensor | None = None  # summed on the device between logged rows (no sync per step)
     log_by_source: torch.Tensor | None = None  # (2, sources): NLL and targets per source, likewise
+    mix_by_source: torch.Tensor | None = None  # the same since the last reweighting (data.mix.strategy=adaptive)
     started: float = 0.0  # when this process began (or resumed) training; state.elapsed is the time before
 
     @classmethod
@@ -226,6 +253,9 @@ class Loop:
                    ckpt.TrainState(eval_batch=cfg.eval.batch_size))
         loop.log_nll = torch.zeros((), dtype=torch.float64, device=device)
         loop.log_by_source = torch.zeros((2, len(data.mixture.sources)), dtype=torch.float64, device=device)
+        loop.mix_by_source = torch.zeros_like(loop.log_by_source)
+        if cfg.data.mix.strategy == "adaptive":
+            loop.state.mix = start_state(cfg.data.mix, data.mixture.sources, data.train)
         return loop
 
     def resume(self, path: Path) -> None:
@@ -235,6 +265,8 @@ class Loop:
         if self.dist.main:  # rank 0 carries the saved sums for everyone
             self.log_nll.fill_(self.state.log_nll)
             self.log_by_source.copy_(torch.tensor(self.state.log_by_source, dtype=torch.float64))
+            if self.state.mix:
+                self.mix_by_source.copy_(torch.tensor(self.state.mix["sums"], dtype=torch.float64))
         self.log(f"resumed from {path.name} (step {self.state.step} of {self.plan.total_steps})")
 
     def clock(self) -> float:
@@ -282,30 +314,44 @@ def _resume_point(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, w
     return None
 
 
-def fit(loop: Loop, schedule: list[list[Step]]) -> EvalResult | None:
-    """The loop: one optimizer step per planned step, from the resumed one to the last; returns the
-    last validation result (None when resumed from the final checkpoint)."""
-    tc, state, total = loop.cfg.train, loop.state, loop.plan.total_steps
-    todo = [(epoch, step) for epoch, ep in enumerate(schedule) for step in ep][state.step : total]
+def fit(loop: Loop, schedule: Schedule) -> EvalResult | None:
+    """The loop: one optimizer step per planned step, from the resumed one to the last (an adaptive run
+    reweights its mixture between intervals); returns the last validation result (None when resumed from
+    the final checkpoint)."""
+    state, total = loop.state, loop.plan.total_steps
     loop.started = time.perf_counter()
     bar = Progress(total, state.step, enabled=loop.progress)
     last_eval = None
+    if state.mix and state.step == 0:
+        _log_mix(loop)  # the starting weights
     with StopOnSignal() as stop:
-        for (epoch, step), micro in zip(todo, _batches(loop, [step for _, step in todo])):
-            lr = lr_at(state.step, total, tc.warmup_steps, tc.lr)
-            stopping = _train_step(loop, step, micro, lr, stop.signum is not None)
-            if state.step % tc.log_every == 0 or state.step == total:
-                _log_train(loop, epoch, lr, bar)
-            if state.step == total or (tc.eval_every and state.step % tc.eval_every == 0):
-                last_eval = _validate(loop)
-            every = loop.cfg.checkpoint.every
-            if state.step == total or (every and state.step % every == 0) or stopping:
-                saved = _checkpoint(loop)
-            if stopping:
-                signum = stop.signum or signal.SIGTERM  # another process got the signal
-                raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {saved} written; "
-                                  f"continue with the same command plus --resume --run-dir {loop.run_dir}", signum)
+        while state.step < total:
+            last_eval = _run_steps(loop, schedule, bar, stop) or last_eval
     bar.close()
+    return last_eval
+
+
+def _run_steps(loop: Loop, schedule: Schedule, bar: Progress, stop: StopOnSignal) -> EvalResult | None:
+    """The steps `schedule` has up next: train, log, reweight, validate and checkpoint as each is due."""
+    tc, state, total = loop.cfg.train, loop.state, loop.plan.total_steps
+    todo, taken = schedule.upcoming(state)
+    last_eval = None
+    for (epoch, step), micro in zip(todo, _batches(loop, [step for _, step in todo])):
+        lr = lr_at(state.step, total, tc.warmup_steps, tc.lr)
+        stopping = _train_step(loop, step, micro, lr, stop.signum is not None)
+        if taken is not None and state.step % schedule.every == 0:
+            _reweight(loop, taken)
+        if state.step % tc.log_every == 0 or state.step == total:
+            _log_train(loop, epoch, lr, bar)
+        if state.step == total or (tc.eval_every and state.step % tc.eval_every == 0):
+            last_eval = _validate(loop)
+        every = loop.cfg.checkpoint.every
+        if state.step == total or (every and state.step % every == 0) or stopping:
+            saved = _checkpoint(loop)
+        if stopping:
+            signum = stop.signum or signal.SIGTERM  # another process got the signal
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {saved} written; "
+                              f"continue with the same command plus --resume --run-dir {loop.run_dir}", signum)
     return last_eval
 
 
@@ -325,6 +371,8 @@ def _train_step(loop: Loop, step: Step, micro: list[Batch], lr: float, stop: boo
         loop.scaler.scale(nll / n_targets).backward()
         loop.log_nll += nll.detach()
         _add_by_source(loop.log_by_source, batch.target_source, per_token.detach())
+        if loop.state.mix:
+            _add_by_source(loop.mix_by_source, batch.target_source, per_token.detach())
     stopping = _sum_gradients(loop.params, loop.dist, stop)
     applied = _optimizer_step(loop.optimizer, loop.scaler, loop.params, loop.cfg.train.clip)
     state.step += 1
@@ -373,6 +421,23 @@ def _add_by_source(sums: torch.Tensor, sources: torch.Tensor, nll: torch.Tensor)
     sums[1].index_add_(0, index, has.reshape(-1).double())
 
 
+def _reweight(loop: Loop, taken: list[int]) -> None:
+    """End of an adaptive interval: new weights from every process's per-source sums (the same numbers on
+    each), logged as a 'mix' row."""
+    sources = loop.data.mixture.sources
+    nll, targets = loop.dist.all_sum(loop.mix_by_source.clone()).cpu().numpy()
+    loop.state.mix = {**reweight(loop.cfg.data.mix, sources, loop.state.mix, nll, targets), "taken": taken}
+    loop.mix_by_source.zero_()
+    _log_mix(loop)
+
+
+def _log_mix(loop: Loop) -> None:
+    """A 'mix' row: the weights the next steps are drawn with, and each source's running training loss."""
+    mix, sources = loop.state.mix, loop.data.mixture.sources
+    loop.metrics.write({"event": "mix", "step": loop.state.step, "weights": dict(zip(sources, mix["weights"])),
+                        "loss": {n: r for n, r in zip(sources, mix["running"]) if r is not None}})
+
+
 def _log_train(loop: Loop, epoch: int, lr: float, bar: Progress) -> None:
     state = loop.state
     loss = float(loop.dist.all_sum(loop.log_nll.clone())) / state.log_tokens
@@ -407,6 +472,8 @@ def _checkpoint(loop: Loop) -> Path:
     state, dist = loop.state, loop.dist
     state.elapsed, state.metrics_bytes, state.log_nll = loop.clock(), loop.metrics.size(), float(dist.all_sum(loop.log_nll.clone()))
     state.log_by_source = dist.all_sum(loop.log_by_source.clone()).tolist()
+    if state.mix:
+        state.mix["sums"] = dist.all_sum(loop.mix_by_source.clone()).tolist()
     loop.started = time.perf_counter()  # state.elapsed now holds the time so far
     rng_states = dist.gather(ckpt.local_rng_state())
     path = ckpt.checkpoints_dir(loop.run_dir) / f"step-{state.step:07d}"

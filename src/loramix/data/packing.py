@@ -152,7 +152,12 @@ def epoch_steps(lengths: np.ndarray, b: Batching, seed: int, epoch: int) -> list
         # 8 per step that made steps of 13 and then 1 document, and cost 0.002 nats of validation loss
         # against the Trainer's exact 8 (benchmarks/quality.py). Packing within the step costs a little fill.
         groups = [best_fit_decreasing(lengths, order[s : s + b.per_step], b.seq_len) for s in range(0, len(order), b.per_step)]
-    return [[g[k : k + b.micro_batch] for k in range(0, len(g), b.micro_batch)] for g in groups]
+    return [as_step(g, b) for g in groups]
+
+
+def as_step(rows: list[list[int]], b: Batching) -> Step:
+    """One optimizer step's rows as micro-batches of at most `micro_batch` rows."""
+    return [rows[k : k + b.micro_batch] for k in range(0, len(rows), b.micro_batch)]
 
 
 def pack_eval_rows(segments: list[Segment], seq_len: int, packing: bool) -> list[Row]:

@@ -9,7 +9,7 @@ import numpy as np
 from loramix.config import DataConfig, SourceConfig
 from loramix.data.mixture import Mixture, build_mixture
 from loramix.data.packing import Row, Segment, make_segments, pack_eval_rows
-from loramix.data.sampling import mix_segments
+from loramix.data.sampling import floor_of, mix_segments
 from loramix.data.sources import Document, load_documents
 from loramix.data.tokens import tokenize_documents
 
@@ -55,9 +55,15 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
 
 def _log_mix(mixed: dict, data: DataConfig, log) -> None:
     """Each source's share of the epoch's documents and target tokens, and how many passes over it that is."""
-    log(f"  mix ({data.mix.strategy}" + (f", by {data.mix.unit}" if data.mix.strategy != "weights" else "") + "): share of documents / tokens, passes")
+    mix = data.mix
+    log(f"  mix ({mix.strategy}" + (f", by {mix.unit}" if mix.strategy != "weights" else "") + "): share of documents / tokens, passes"
+        + (" of the pool" if mix.strategy == "adaptive" else ""))
     for name, m in mixed.items():
         log(f"  {name:<18} {100 * m['share_docs']:>5.1f}% / {100 * m['share_tokens']:>5.1f}%  x{m['epochs']:.2f}  ({m['docs']:,} docs, {m['tokens']:,} tokens)")
+    if mix.strategy == "adaptive":
+        start = "data.mix.proportions" if mix.proportions else "these shares"
+        log(f"  adaptive: from {start}, every {mix.every} steps toward {', '.join(mix.objective)} (step {mix.step:g}, floor {floor_of(mix, len(mixed)):.3g}, "
+            f"smoothing {mix.smoothing:g}); the weights are logged as 'mix' rows")
 
 
 def _segments(docs: list[Document], sources: list[str], tokenizer, data: DataConfig, log) -> list[Segment]:
