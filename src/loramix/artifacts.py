@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError, safe_open
 
+from loramix import checkpoint as ckpt
 from loramix.config import DEFAULT_CACHE, Config, ModelConfig, load_config
 from loramix.data.prepare import prepare_data
 from loramix.errors import LoramixError
@@ -71,25 +73,72 @@ def require(path: Path, accept: tuple[str, ...]) -> str:
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
-    """The config a run was trained with (and `overrides` applied to it)."""
+    """The config a run was trained with (and `overrides` applied to it).
+
+    Raises:
+        LoramixError: config.yaml is not the one the run wrote: a key missing (a truncated file, which
+            defaults would silently fill) or a training key other than run.json's config fingerprint says.
+    """
     require(run_dir, (RUN,))
-    return load_config(Path(run_dir) / _MARKERS[RUN], overrides)
+    path = Path(run_dir) / _MARKERS[RUN]
+    saved = load_config(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    missing = [f"{section}.{key}" for section, fields in saved.to_dict().items() if isinstance(fields, dict) for key in fields
+               if not isinstance(raw.get(section), dict) or key not in raw[section]]
+    status = read_status(run_dir)
+    expected = status.get("config_fingerprint")
+    why = (f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing" if missing else
+           "its training keys differ from the config fingerprint in run.json" if expected and saved.fingerprint(status.get("world_size", 1)) != expected
+           else None)
+    if why:
+        raise LoramixError(f"{path} is not the config this run was trained with ({why}: damaged or edited); restore it from a copy, "
+                           "or train into a new --run-dir")
+    return load_config(path, overrides) if overrides else saved
 
 
 def read_status(run_dir: Path) -> dict:
     """run.json (empty before the run wrote one)."""
     path = Path(run_dir) / "run.json"
-    return read_json(path) if path.is_file() else {}
+    fix = "restore it from a copy, or delete it (eval, merge and serve then skip checking the base against the one the run trained on)"
+    return read_json(path, fix) if path.is_file() else {}
 
 
 def adapter_path(source: Path) -> Path:
     """The PEFT adapter dir of a run dir or adapter dir."""
     source = Path(source)
     if require(source, (RUN, ADAPTER)) == ADAPTER:
-        return source
+        return check_adapter(source)
     if not (source / "adapter" / _MARKERS[ADAPTER]).is_file():
         raise LoramixError(f"{source} has no adapter yet (unfinished run?); train it to the end first")
-    return source / "adapter"
+    return check_adapter(source / "adapter", source)
+
+
+def _rewrite(run_dir: Path) -> str:
+    """How to rewrite a finished run's adapter and eval.json: resume from the final checkpoint, if one is left."""
+    last = ckpt.latest_names(run_dir)
+    if not last:
+        return "restore it from a copy (the run keeps no checkpoint to rewrite it from)"
+    return (f"the run's checkpoint {last[-1]} still holds the trained weights: rewrite the adapter and eval.json with "
+            f"`loramix train -c {Path(run_dir) / _MARKERS[RUN]} --resume --run-dir {run_dir}`")
+
+
+def check_adapter(adapter_dir: Path, run_dir: Path | None = None) -> Path:
+    """`adapter_dir`, once its config parses and its safetensors file is whole (the header read and the file
+    as long as it says), so a damaged adapter is one line here rather than a traceback inside PEFT.
+
+    Raises:
+        LoramixError: naming the damaged file and, for a run, the checkpoint that can rewrite it.
+    """
+    fix = _rewrite(run_dir) if run_dir else "restore it from a copy"
+    read_json(adapter_dir / _MARKERS[ADAPTER], fix)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise LoramixError(f"{weights} is damaged ({e}); {fix}") from None
+    return adapter_dir
 
 
 def adapter_base(adapter_dir: Path) -> str | None:
@@ -216,8 +265,8 @@ def load_run(path: Path) -> Run:
     manifest = path / "manifest.json"
     result = path / "eval.json"
     return Run(name=path.name, path=path, config=load_run_config(path),
-               manifest=read_json(manifest) if manifest.is_file() else {"sources": {}}, status=read_status(path),
-               metrics=read_metrics(path), eval=EvalResult.from_dict(read_json(result)) if result.is_file() else None)
+               manifest=read_json(manifest) if manifest.is_file() else {"sources": {}}, status=read_status(path), metrics=read_metrics(path),
+               eval=EvalResult.from_dict(read_json(result, _rewrite(path))) if result.is_file() else None)
 
 
 # ---------------------------------------------------------------- writing

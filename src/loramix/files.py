@@ -11,6 +11,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from loramix.errors import LoramixError
+
 
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
@@ -51,8 +53,17 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_json(path: Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(path: Path, fix: str = "restore it from a copy, or rerun the command that wrote it"):
+    """A JSON file loramix wrote.
+
+    Raises:
+        LoramixError: it does not parse (truncated, overwritten): naming the file and `fix`.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = f"not valid JSON at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise LoramixError(f"{path} is damaged ({why}); {fix}") from None
 
 
 def _remove(path: Path) -> None:

@@ -361,8 +361,8 @@ def _train_step(loop: Loop, step: Step, micro: list[Batch], lr: float, stop: boo
     state = loop.state
     for group in loop.optimizer.param_groups:
         group["lr"] = lr
-    targets = loop.data.train_targets
-    n_targets = int(sum(targets[i] for mb in step for row in mb for i in row))  # the step's, on every process: no communication
+    segments = loop.data.train
+    n_targets = sum(segments[i].n_targets for mb in step for row in mb for i in row)  # the step's, on every process: no communication
     for batch in micro:
         batch = batch.to(loop.device)
         with loop.autocast():

@@ -26,11 +26,6 @@ class Prepared:
     def train_lengths(self) -> np.ndarray:
         return np.array([len(s.tokens) for s in self.train])
 
-    @property
-    def train_targets(self) -> np.ndarray:
-        """Target tokens per training segment: what a step's loss is divided by."""
-        return np.array([s.n_targets for s in self.train])
-
 
 def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dict[str, SourceConfig] | None = None) -> Prepared:
     """Everything up to rows: what training and `loramix eval` both need, built the same way."""

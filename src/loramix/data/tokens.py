@@ -14,6 +14,7 @@ changed source, cap, split or tokenizer can never reuse stale tokens.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,8 @@ def tokenize_documents(docs: list[Document], tokenizer, cache_dir: str, log=prin
     doc_of = {(d.source, d.row): d for d in docs}
     texts = [_as_text(doc_of[k], tokenizer, chat) for k in keys]
     path = Path(cache_dir).expanduser() / "tokens" / f"{_cache_key(tokenizer, texts)}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
+    arrays = _read_cache(path, len(texts), log)
+    if arrays is not None:
         log(f"  tokens: {len(texts)} documents from cache {path.name}")
     else:
         arrays = _encode(texts, tokenizer)
@@ -61,6 +61,23 @@ def tokenize_documents(docs: list[Document], tokenizer, cache_dir: str, log=prin
     by_key = {k: Tokens(arrays["ids"][at[i] : at[i + 1]], arrays["bytes"][at[i] : at[i + 1]], int(arrays["completion"][i]))
               for i, k in enumerate(keys)}
     return [by_key[(d.source, d.row)] for d in docs]
+
+
+def _read_cache(path: Path, n_docs: int, log) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when there is no cache file or it is damaged (then it is rebuilt, and the
+    log says so). The npz is a zip whose members carry CRC-32s, so flipped bytes fail the read too."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in ("ids", "bytes", "offsets", "completion")}
+        offsets = arrays["offsets"]
+        if len(offsets) != n_docs + 1 or offsets[-1] != len(arrays["ids"]) or len(arrays["bytes"]) != len(arrays["ids"]):
+            raise ValueError("the arrays do not fit together")
+        return arrays
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log(f"  tokens: cache file {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); tokenizing again")
+        return None
 
 
 def _as_text(doc: Document, tokenizer, chat: bool) -> tuple[str, int, bool]:

@@ -1,0 +1,97 @@
+"""A run dir trusted months later: every damaged file ends in one line naming it and what to do, or is rebuilt
+by itself with a line saying so; never a traceback, never a silently different config."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loramix.cli import main
+
+from conftest import ROOT, TINY
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00\xffnot what was written" * 64)
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    """A private copy of the shared finished tiny run."""
+    return Path(shutil.copytree(tiny_run.run_dir, tmp_path / "run"))
+
+
+def _fails_in_one_line(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("loramix: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("damage", [_truncate, _garbage])
+@pytest.mark.parametrize("command", ["eval", "merge"])
+def test_a_damaged_adapter_names_the_checkpoint_that_rewrites_it(run, tmp_path, capsys, damage, command):
+    weights = run / "adapter" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    damage(weights)
+    argv = [command, str(run)] + (["--out", str(tmp_path / "merged")] if command == "merge" else [])
+    err = _fails_in_one_line(capsys, argv)
+    assert f"{weights} is damaged" in err and not (tmp_path / "merged").exists()
+    fix = err[err.index("`") + 1 : err.rindex("`")]  # the command it suggests, run as written
+    assert fix == f"loramix train -c {run / 'config.yaml'} --resume --run-dir {run}"
+    if damage is _truncate and command == "eval":  # once is enough: the suggested command restores the same bytes
+        assert main(fix.split()[1:] + ["--quiet"]) == 0
+        assert weights.read_bytes() == original
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name, argv, message", [
+    ("adapter/adapter_config.json", ["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "2"], "adapter_config.json is damaged (not valid JSON"),
+    ("run.json", ["merge", "{run}", "--out", "{out}"], "run.json is damaged (not valid JSON"),
+    ("eval.json", ["report", "{run}", "--out", "{out}"], "eval.json is damaged (not valid JSON"),
+    ("manifest.json", ["report", "{run}", "--out", "{out}"], "manifest.json is damaged (not valid JSON"),
+    ("config.yaml", ["eval", "{run}"], "config.yaml is not the config this run was trained with ("),
+])
+def test_a_damaged_run_file_ends_in_one_line_naming_it(run, tmp_path, capsys, name, argv, message):
+    _truncate(run / name)
+    err = _fails_in_one_line(capsys, [a.format(run=run, out=tmp_path / "out") for a in argv])
+    assert message in err and str(run / name) in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_an_edited_training_key_in_config_yaml_is_refused(run, capsys):
+    """A truncated config.yaml that still parses, or one edited by hand, would rebuild another run's data."""
+    text = (run / "config.yaml").read_text()
+    assert "  r: 8\n" in text
+    (run / "config.yaml").write_text(text.replace("  r: 8\n", "  r: 4\n"))
+    err = _fails_in_one_line(capsys, ["eval", str(run)])
+    assert "its training keys differ from the config fingerprint in run.json" in err
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("damage", [_truncate, _garbage])
+def test_a_damaged_token_cache_is_rebuilt_saying_so(tiny_run, cache_dir, tmp_path, capsys, damage):
+    """Every cached token file damaged: `eval` (garbage) and `train` (truncated) tokenize again, say so, and get
+    the very same numbers."""
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(cache_dir) / "tokens", cache / "tokens")
+    for f in (cache / "tokens").glob("*.npz"):
+        damage(f)
+    if damage is _garbage:
+        assert main(["eval", str(tiny_run.run_dir), f"data.cache_dir={cache}", "--out", str(tmp_path / "eval.json")]) == 0
+        got = json.loads((tmp_path / "eval.json").read_text())["overall"]["loss"]
+    else:
+        from loramix import load_config, train
+
+        cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache}"])
+        got = train(cfg, tmp_path / "again", log=print, progress=False).eval.overall.loss
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "tokenizing again" in out
+    assert got == tiny_run.eval.overall.loss
