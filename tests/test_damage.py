@@ -82,7 +82,9 @@ def test_a_damaged_token_cache_is_rebuilt_saying_so(tiny_run, cache_dir, tmp_pat
     the very same numbers."""
     cache = tmp_path / "cache"
     shutil.copytree(Path(cache_dir) / "tokens", cache / "tokens")
-    for f in (cache / "tokens").glob("*.npz"):
+    stores = list((cache / "tokens").glob("*/ids.bin"))
+    assert stores
+    for f in stores:
         damage(f)
     if damage is _garbage:
         assert main(["eval", str(tiny_run.run_dir), f"data.cache_dir={cache}", "--out", str(tmp_path / "eval.json")]) == 0

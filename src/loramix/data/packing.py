@@ -24,7 +24,7 @@ from loramix.data.tokens import Tokens
 IGNORE = -100
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
     source: int  # index into Mixture.sources
     tokens: np.ndarray  # int32 token ids, EOS included if the document ended inside this segment

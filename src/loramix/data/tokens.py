@@ -14,7 +14,9 @@ changed source, cap, split or tokenizer can never reuse stale tokens.
 from __future__ import annotations
 
 import hashlib
-import zipfile
+import itertools
+import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +24,14 @@ import numpy as np
 
 from loramix.data.sources import Document
 from loramix.errors import LoramixError
-from loramix.files import replacing
+from loramix.files import replacing, write_json
 
-_VERSION = 2  # bump when what is cached changes
+_VERSION = 3  # bump when what is cached changes
+_CHUNK = 4096  # documents per encode_batch call
+_CHUNK_CHARS = 1 << 22  # and characters
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tokens:
     ids: np.ndarray  # int32: [BOS] text EOS
     bytes: np.ndarray  # int32, per token: UTF-8 bytes of the text it covers; they sum to the text's bytes
@@ -47,37 +51,93 @@ def tokenize_documents(docs: list[Document], tokenizer, cache_dir: str, log=prin
     keys = list(dict.fromkeys((d.source, d.row) for d in docs))
     doc_of = {(d.source, d.row): d for d in docs}
     texts = [_as_text(doc_of[k], tokenizer, chat) for k in keys]
-    path = Path(cache_dir).expanduser() / "tokens" / f"{_cache_key(tokenizer, texts)}.npz"
-    arrays = _read_cache(path, len(texts), log)
-    if arrays is not None:
+    path = Path(cache_dir).expanduser() / "tokens" / _cache_key(tokenizer, texts)
+    store = _open_store(path, len(texts), log)
+    if store is not None:
         log(f"  tokens: {len(texts)} documents from cache {path.name}")
     else:
-        arrays = _encode(texts, tokenizer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as tmp:  # a killed run never leaves a torn cache file
-            np.savez(tmp, **arrays)
-        log(f"  tokens: {len(texts)} documents tokenized, {len(arrays['ids']):,} tokens (cached)")
-    at = arrays["offsets"]
-    by_key = {k: Tokens(arrays["ids"][at[i] : at[i + 1]], arrays["bytes"][at[i] : at[i + 1]], int(arrays["completion"][i]))
+        _write_store(path, texts, tokenizer)
+        store = _open_store(path, len(texts), log)
+        log(f"  tokens: {len(texts)} documents tokenized, {len(store['ids']):,} tokens (cached)")
+    at = store["offsets"]
+    by_key = {k: Tokens(store["ids"][at[i] : at[i + 1]], store["bytes"][at[i] : at[i + 1]], int(store["completion"][i]))
               for i, k in enumerate(keys)}
     return [by_key[(d.source, d.row)] for d in docs]
 
 
-def _read_cache(path: Path, n_docs: int, log) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None when there is no cache file or it is damaged (then it is rebuilt, and the
-    log says so). The npz is a zip whose members carry CRC-32s, so flipped bytes fail the read too."""
-    if not path.is_file():
+# The store: ids and bytes as raw int32 files, memory-mapped on open (the corpus stays on disk, and the OS
+# pages in what a batch reads), with the small per-document arrays and a CRC-32 of every file in meta.json.
+_RAW = ("ids", "bytes")
+_SMALL = ("offsets", "completion")
+
+
+def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer) -> None:
+    """Tokenize into a store directory a chunk at a time: memory holds one chunk's encodings, never the
+    corpus. Written as a temporary sibling renamed into place, so a killed run leaves no torn store."""
+    bos = np.asarray(_added_prefix(tokenizer), dtype=np.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        tmp.mkdir()
+        crc, offsets, completion, done = dict.fromkeys(_RAW, 0), [np.zeros(1, np.int64)], [], 0
+        with (tmp / "ids.bin").open("wb") as f_ids, (tmp / "bytes.bin").open("wb") as f_bytes:
+            for i, j in _chunks(texts):
+                chunk = _encode_chunk(texts[i:j], tokenizer, bos)
+                for name, f in (("ids", f_ids), ("bytes", f_bytes)):
+                    raw = chunk[name].tobytes()
+                    f.write(raw)
+                    crc[name] = zlib.crc32(raw, crc[name])
+                offsets.append(chunk["offsets"][1:] + done)
+                completion.append(chunk["completion"])
+                done += int(chunk["offsets"][-1])
+        small = {"offsets": np.concatenate(offsets), "completion": np.concatenate(completion) if completion else np.zeros(0, np.int64)}
+        for name, array in small.items():
+            np.save(tmp / f"{name}.npy", array)
+            crc[name] = zlib.crc32((tmp / f"{name}.npy").read_bytes())
+        write_json(tmp / "meta.json", {"version": _VERSION, "docs": len(texts), "tokens": done, "crc32": crc})
+
+
+def _chunks(texts: list[tuple[str, int, bool]]) -> list[tuple[int, int]]:
+    """(start, end) of consecutive chunks of at most _CHUNK documents and, past its first document, at most
+    _CHUNK_CHARS characters (the per-character arrays of `_encode_chunk` stay small on long articles)."""
+    out, start, chars = [], 0, 0
+    for k, (text, _, _) in enumerate(texts):
+        if k > start and (k - start == _CHUNK or chars + len(text) > _CHUNK_CHARS):
+            out.append((start, k))
+            start, chars = k, 0
+        chars += len(text)
+    return out + [(start, len(texts))] if texts else out
+
+
+def _open_store(path: Path, n_docs: int, log) -> dict[str, np.ndarray] | None:
+    """The store's arrays (ids and bytes memory-mapped), or None when there is none or it is damaged (then
+    it is rebuilt, and the log says so): every file's CRC-32 and size are checked on open."""
+    if not path.is_dir():
         return None
     try:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in ("ids", "bytes", "offsets", "completion")}
-        offsets = arrays["offsets"]
-        if len(offsets) != n_docs + 1 or offsets[-1] != len(arrays["ids"]) or len(arrays["bytes"]) != len(arrays["ids"]):
-            raise ValueError("the arrays do not fit together")
-        return arrays
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        log(f"  tokens: cache file {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); tokenizing again")
+        meta = json.loads((path / "meta.json").read_text())
+        for name in (*_RAW, *_SMALL):
+            file = path / (f"{name}.bin" if name in _RAW else f"{name}.npy")
+            if _crc32(file) != meta["crc32"][name]:
+                raise ValueError(f"{file.name} fails its checksum")
+        # Plain ndarray views of the maps: a document's slice is a light view, not a memmap object.
+        store = {name: np.memmap(path / f"{name}.bin", dtype=np.int32, mode="r").view(np.ndarray) if meta["tokens"] else np.zeros(0, np.int32)
+                 for name in _RAW}
+        store.update({name: np.load(path / f"{name}.npy") for name in _SMALL})
+        if meta["docs"] != n_docs or len(store["offsets"]) != n_docs + 1 or not store["offsets"][-1] == len(store["ids"]) == meta["tokens"]:
+            raise ValueError("its arrays do not fit together")
+        return store
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        log(f"  tokens: cache {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); tokenizing again")
         return None
+
+
+def _crc32(file: Path) -> int:
+    """CRC-32 of a file read in blocks (not mapped: checking a large store does not grow this process)."""
+    crc = 0
+    with file.open("rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _as_text(doc: Document, tokenizer, chat: bool) -> tuple[str, int, bool]:
@@ -94,31 +154,52 @@ def _as_text(doc: Document, tokenizer, chat: bool) -> tuple[str, int, bool]:
     return full, len(head), False  # the template writes its own BOS
 
 
-def _encode(texts: list[tuple[str, int, bool]], tokenizer) -> dict[str, np.ndarray]:
-    bos = _added_prefix(tokenizer)
+def _encode_chunk(texts: list[tuple[str, int, bool]], tokenizer, bos: np.ndarray) -> dict[str, np.ndarray]:
+    """One chunk: [BOS] text EOS per document. A token's bytes are those of the characters after the furthest
+    end any earlier token of its document reached, up to its own end (offsets may skip the space a byte-level
+    token stands for, and byte-fallback tokens of one character share its span); the last text token also
+    takes what is left of the text. Computed over the chunk's texts joined, with UTF-8 byte positions per
+    character from their code points."""
     encodings = tokenizer.backend_tokenizer.encode_batch([t for t, _, _ in texts], add_special_tokens=False)
-    ids, nbytes, completion = [], [], []
-    for (text, prompt, add_bos), e in zip(texts, encodings):
-        prefix = bos if add_bos else []
-        ends = [end for _, end in e.offsets] + [len(text)]  # EOS belongs to the completion
-        ids.append(np.asarray(prefix + e.ids + [tokenizer.eos_token_id], dtype=np.int32))
-        nbytes.append(np.asarray([0] * len(prefix) + _covered_bytes(text, e.offsets) + [0], dtype=np.int32))
-        completion.append(len(prefix) + next(j for j, end in enumerate(ends) if end > prompt or j == len(ends) - 1))
-    return {"ids": np.concatenate(ids) if ids else np.zeros(0, np.int32), "bytes": np.concatenate(nbytes) if nbytes else np.zeros(0, np.int32),
-            "offsets": np.cumsum([0] + [len(a) for a in ids]), "completion": np.asarray(completion, dtype=np.int64)}
-
-
-def _covered_bytes(text: str, offsets: list[tuple[int, int]]) -> list[int]:
-    """UTF-8 bytes per token: each token takes the characters after the previous token's end up to its
-    own end (offsets may skip the space a byte-level token stands for, and byte-fallback tokens of
-    one character share its span); the last token takes what is left."""
-    out, done = [], 0
-    for _, end in offsets:
-        out.append(len(text[done:end].encode("utf-8")) if end > done else 0)
-        done = max(done, end)
-    if out:
-        out[-1] += len(text[done:].encode("utf-8"))
-    return out
+    n = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(n.sum()))
+    spans = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets) for e in encodings), dtype=np.int64,
+                        count=2 * int(n.sum())).reshape(-1, 2)
+    doc = np.repeat(np.arange(len(texts)), n)
+    chars = np.array([len(t) for t, _, _ in texts], dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(chars)])  # each text's first character in the joined string
+    joined = "".join(t for t, _, _ in texts)
+    if joined.isascii():  # one byte per character
+        byte_at = np.arange(len(joined) + 1, dtype=np.int64)
+    else:
+        points = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        width = np.ones(len(points) + 1, dtype=np.uint8)  # UTF-8 bytes of each character (the first entry: position 0)
+        width[0] = 0
+        for limit in (0x80, 0x800, 0x10000):
+            width[1:] += points >= limit
+        byte_at = np.cumsum(width, dtype=np.int64)  # byte position of each character position
+    end = start[doc] + spans[:, 1]
+    reach = np.maximum.accumulate(end) if len(end) else end  # the furthest end so far, this token included
+    before = np.maximum(start[doc], np.concatenate([[0], reach[:-1]]))  # earlier documents never reach past this one's start
+    covered = np.where(end > before, byte_at[end] - byte_at[np.minimum(before, end)], 0)
+    first = np.concatenate([[0], np.cumsum(n)])
+    has = n > 0
+    last_reach = np.where(has, reach[np.maximum(first[1:] - 1, 0)], start[:-1]) if len(reach) else start[:-1]
+    covered[first[1:][has] - 1] += byte_at[start[1:]][has] - byte_at[np.maximum(last_reach, start[:-1])][has]
+    # Completion: the first token whose reach passes the prompt (the EOS when none does).
+    prompt = np.array([p for _, p, _ in texts], dtype=np.int64)
+    passed = np.bincount(doc, weights=reach <= (start[:-1] + prompt)[doc], minlength=len(texts)).astype(np.int64)
+    prefix = np.array([len(bos) if add else 0 for _, _, add in texts], dtype=np.int64)
+    size = prefix + n + 1
+    at = np.concatenate([[0], np.cumsum(size)])
+    out_ids = np.empty(at[-1], dtype=np.int32)
+    out_bytes = np.zeros(at[-1], dtype=np.int32)
+    body = np.repeat(at[:-1] + prefix, n) + (np.arange(int(n.sum())) - np.repeat(first[:-1], n))
+    out_ids[body], out_bytes[body] = ids, covered
+    out_ids[at[1:] - 1] = tokenizer.eos_token_id
+    for k in range(len(bos)):  # BOS ids cover no text
+        out_ids[at[:-1][prefix > 0] + k] = bos[k]
+    return {"ids": out_ids, "bytes": out_bytes, "offsets": at, "completion": prefix + np.minimum(passed, n)}
 
 
 def _added_prefix(tokenizer) -> list[int]:
