@@ -5,6 +5,7 @@ names a point, SIGKILLs the process there; `kill_at(monkeypatch, point, action)`
 this process. Points:
   step-N                once step N is done (its evaluation and checkpoint included), before step N+1
   checkpoint-N-partial  while step N's checkpoint is written: after state.json, before checksums.json
+  tokenize-N            while the token store is written: once its N-th chunk is encoded
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def _kill() -> None:
 def _patches(point: str, action) -> list[tuple[object, str, object]]:
     """(module, attribute, replacement) that run `action` at `point`."""
     from loramix import checkpoint, training
+    from loramix.data import tokens
 
     step = re.fullmatch(r"step-(\d+)", point)
     partial = re.fullmatch(r"checkpoint-(\d+)-partial", point)
@@ -47,6 +49,17 @@ def _patches(point: str, action) -> list[tuple[object, str, object]]:
                 action()
             return real_sha(path)
         return [(checkpoint, "_sha256", sha256)]
+    chunk = re.fullmatch(r"tokenize-(\d+)", point)
+    if chunk:
+        real_chunk, calls = tokens._encode_chunk, []
+
+        def encode_chunk(*args, **kwargs):
+            out = real_chunk(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == int(chunk[1]):
+                action()
+            return out
+        return [(tokens, "_encode_chunk", encode_chunk)]
     raise ValueError(f"unknown crash point {point!r}")
 
 

@@ -97,3 +97,30 @@ def test_a_damaged_token_cache_is_rebuilt_saying_so(tiny_run, cache_dir, tmp_pat
     out = capsys.readouterr().out
     assert "is damaged" in out and "tokenizing again" in out
     assert got == tiny_run.eval.overall.loss
+
+
+@pytest.mark.e2e
+def test_a_preparation_killed_midway_leaves_no_torn_store(tmp_path):
+    """SIGKILLed while its first token store is written: no store under that name, only the temporary; the
+    next run removes it and writes the same store a clean run writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import CRASHING
+
+    cache = tmp_path / "cache"
+    argv = [sys.executable, CRASHING, "train", "-c", str(ROOT / "configs" / "demo.yaml"), *TINY, f"data.cache_dir={cache}", "--dry-run"]
+    killed = subprocess.run(argv, env={**os.environ, "LORAMIX_CRASH_AT": "tokenize-1"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    tokens = cache / "tokens"
+    assert not [p for p in tokens.iterdir() if not p.name.startswith(".")] and [p for p in tokens.iterdir() if p.name.endswith(".tmp")]
+    assert subprocess.run(argv, capture_output=True, text=True).returncode == 0
+    assert not [p for p in tokens.iterdir() if p.name.startswith(".")]
+    clean = tmp_path / "clean"
+    assert subprocess.run([*argv[:-2], f"data.cache_dir={clean}", "--dry-run"], capture_output=True, text=True).returncode == 0
+    assert sorted(p.name for p in tokens.iterdir()) == sorted(p.name for p in (clean / "tokens").iterdir())
+    for store in tokens.iterdir():  # byte for byte what a run never killed writes
+        for f in store.iterdir():
+            assert f.read_bytes() == (clean / "tokens" / store.name / f.name).read_bytes(), f

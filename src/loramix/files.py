@@ -44,6 +44,25 @@ def stale_siblings(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob(".*.tmp*"))
 
 
+def remove_orphans(path: Path) -> None:
+    """Remove the temporaries of `path` that a killed process left (its PID no longer runs); a live
+    process's, still being written, stay."""
+    for tmp in Path(path).parent.glob(f".{Path(path).stem}.*.tmp*"):
+        pid = tmp.name[len(Path(path).stem) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     with replacing(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)

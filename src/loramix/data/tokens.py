@@ -24,7 +24,7 @@ import numpy as np
 
 from loramix.data.sources import Document
 from loramix.errors import LoramixError
-from loramix.files import replacing, write_json
+from loramix.files import remove_orphans, replacing, write_json
 
 _VERSION = 3  # bump when what is cached changes
 _CHUNK = 4096  # documents per encode_batch call
@@ -76,6 +76,7 @@ def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer) -> N
     corpus. Written as a temporary sibling renamed into place, so a killed run leaves no torn store."""
     bos = np.asarray(_added_prefix(tokenizer), dtype=np.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)  # what a preparation killed midway left
     with replacing(path) as tmp:
         tmp.mkdir()
         crc, offsets, completion, done = dict.fromkeys(_RAW, 0), [np.zeros(1, np.int64)], [], 0
