@@ -79,10 +79,10 @@ def seed_overrides(spec: dict) -> list[str]:
 def worker_weights(spec: dict) -> dict:
     """data.sources.<name>.weight for each source, so that it has the seed's training documents."""
     from loramix.config import load_config
-    from loramix.data.mixture import build_mixture
+    from loramix.data.mixture import split_sources
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", seed_overrides({**spec, "weights": [], "max_steps": None}))
-    counts = {name: m["train"] for name, m in build_mixture(cfg.data, log=lambda *a: None).manifest["sources"].items()}
+    counts = {split.name: split.manifest["train"] for split in split_sources(cfg.data, log=lambda *a: None)}
     per_source = round(spec["docs_per_source"] * 0.85)  # the seed's cap, less the 15% held out
     return {"train_docs": counts, "weights": [f"data.sources.{n}.weight={per_source / c:.6f}" for n, c in counts.items()]}
 

@@ -1,12 +1,13 @@
 import ast
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from loramix.config import load_config
 from loramix.data import sources
-from loramix.data.mixture import build_mixture
+from loramix.data.mixture import manifest_of, split_sources
 from loramix.data.packing import IGNORE, Segment, collate, make_segments
 from loramix.data.prepare import prepare_data
 from loramix.data.sources import load_documents
@@ -15,6 +16,13 @@ from loramix.errors import LoramixError
 from loramix.model import load_tokenizer
 
 from conftest import REAL_DATA, ROOT
+
+
+def _mixture(data, log=print):
+    """Every source split (`split_sources`), gathered: training and held-out documents, and the manifest."""
+    splits = list(split_sources(data, log))
+    return SimpleNamespace(train=[d for s in splits for d in s.train], val=[d for s in splits for d in s.val],
+                           manifest=manifest_of(data, {s.name: s.manifest for s in splits}))
 
 
 def _write_jsonl(path, rows):
@@ -61,15 +69,15 @@ def test_stratified_split_and_manifest(tmp_path):
     _write_jsonl(tmp_path / "ag_news.jsonl", [{"text": f"news {i}", "label": 1} for i in range(100)])
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"film {i}", "label": 0} for i in range(40)])
     cfg = _cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.2"])
-    mix = build_mixture(cfg.data, log=lambda *a: None)
+    mix = _mixture(cfg.data, log=lambda *a: None)
     m = mix.manifest["sources"]
     assert (m["ag_news"]["train"], m["ag_news"]["val"], m["imdb"]["train"], m["imdb"]["val"]) == (80, 20, 32, 8)
     assert m["imdb"]["revision"] is None and m["imdb"]["origin"] == str(tmp_path / "imdb.jsonl")  # a local file has no revision
     assert sum(d.source == "imdb" for d in mix.val) == 8
     assert not {(d.source, d.row) for d in mix.train} & {(d.source, d.row) for d in mix.val}
-    again = build_mixture(cfg.data, log=lambda *a: None)
+    again = _mixture(cfg.data, log=lambda *a: None)
     assert again.manifest == mix.manifest
-    other = build_mixture(_cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.2", "data.seed=7"]).data, log=lambda *a: None)
+    other = _mixture(_cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.2", "data.seed=7"]).data, log=lambda *a: None)
     assert other.manifest["sources"]["imdb"]["val_ids_sha256"] != m["imdb"]["val_ids_sha256"]
 
 
@@ -78,7 +86,7 @@ def test_weights_scale_training_side_only(tmp_path):
     _write_jsonl(tmp_path / "ag_news.jsonl", [{"text": f"news {i}"} for i in range(20)])
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"film {i}"} for i in range(20)])
     cfg = _cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.25", "data.sources.imdb.weight=2.5", "data.sources.ag_news.weight=0.4"])
-    mix = build_mixture(cfg.data, log=lambda *a: None)
+    mix = _mixture(cfg.data, log=lambda *a: None)
     counts = {s: sum(d.source == s for d in mix.train) for s in ("ag_news", "imdb")}
     assert counts == {"ag_news": 6, "imdb": 38}
     assert sum(d.source == "imdb" for d in mix.val) == 5
@@ -156,7 +164,7 @@ def test_too_few_rows_to_split(tmp_path):
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": "only one"}])
     cfg = _cfg(tmp_path, ["data.sources=[imdb]"])
     with pytest.raises(LoramixError, match="too few to hold out"):
-        build_mixture(cfg.data, log=lambda *a: None)
+        _mixture(cfg.data, log=lambda *a: None)
 
 
 @pytest.mark.unit
@@ -251,7 +259,7 @@ def test_hub_source_records_the_revision_it_read(tmp_path, monkeypatch):
     (cached / "json-train.arrow").rename(cached / "ag_news-train.arrow")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     cfg = load_config(None, ["data.sources=[ag_news]", "data.sources.ag_news.hub_id=ag_news", "data.cap=10", "data.val_share=0.2"])
-    mix = build_mixture(cfg.data, log=lambda *a: None)
+    mix = _mixture(cfg.data, log=lambda *a: None)
     m = mix.manifest["sources"]["ag_news"]
     assert (m["origin"], m["revision"], m["train"], m["val"]) == ("fancyzhx/ag_news::train", sha, 8, 2)
     assert {d.text for d in mix.train + mix.val} <= {f"news {i}" for i in range(20)}

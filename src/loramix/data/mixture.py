@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,15 +21,23 @@ from loramix.errors import LoramixError
 @dataclass
 class Mixture:
     sources: list[str]  # a document's source id is its index here
+    manifest: dict
+
+
+@dataclass
+class SourceSplit:
+    """One source read, capped and split: its held-out documents, its training documents with the weight
+    applied, and its manifest entry."""
+
+    name: str
     train: list[Document]
     val: list[Document]
     manifest: dict
 
 
-def build_mixture(data: DataConfig, log=print) -> Mixture:
-    """Load every source, cap, split per source, apply weights; return documents and the manifest."""
-    train, val, manifest = [], [], {}
-    for name, spec in data.sources.items():
+def split_sources(data: DataConfig, log=print) -> Iterator[SourceSplit]:
+    """Each source in turn, so a caller that tokenizes one before reading the next holds one source's texts at a time."""
+    for index, (name, spec) in enumerate(data.sources.items()):
         cap = data.cap_for(spec)
         read = read_source(name, spec, data, cap)
         docs = read.documents
@@ -38,9 +47,9 @@ def build_mixture(data: DataConfig, log=print) -> Mixture:
                                "the source")
         # Documents arrive in seeded random order, so the head is a random held-out sample.
         src_val, src_train = docs[:n_val], docs[n_val:]
-        weighted = _apply_weight(src_train, spec.weight, np.random.default_rng([data.seed, len(manifest), 1]))
+        weighted = _apply_weight(src_train, spec.weight, np.random.default_rng([data.seed, index, 1]))
         path = source_path(name, spec, data)
-        manifest[name] = {
+        entry = {
             "origin": str(path) if path else f"{spec.hub_id}:{spec.subset or ''}:{spec.split}",
             "revision": read.revision,
             "template": spec.template,
@@ -54,10 +63,13 @@ def build_mixture(data: DataConfig, log=print) -> Mixture:
             "val_ids_sha256": _hash([d.row for d in src_val]),
             "text_sha256": _hash([d.text for d in docs]),
         }
-        log(f"  {name:<18} train {len(src_train):>6}  val {len(src_val):>5}  (from {manifest[name]['origin']})")
-        train += weighted
-        val += src_val
-    return Mixture(list(data.sources), train, val, {"seed": data.seed, "val_share": data.val_share, "sources": manifest})
+        log(f"  {name:<18} train {len(src_train):>6}  val {len(src_val):>5}  (from {entry['origin']})")
+        yield SourceSplit(name, weighted, src_val, entry)
+
+
+def manifest_of(data: DataConfig, entries: dict[str, dict]) -> dict:
+    """The mixture's manifest: the split's seed and share, and each source's entry."""
+    return {"seed": data.seed, "val_share": data.val_share, "sources": entries}
 
 
 def _apply_weight(docs: list[Document], weight: float, rng: np.random.Generator) -> list[Document]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loramix.config import DataConfig, SourceConfig
-from loramix.data.mixture import Mixture, build_mixture
+from loramix.data.mixture import Mixture, manifest_of, split_sources
 from loramix.data.packing import Row, Segment, make_segments, pack_eval_rows
 from loramix.data.sampling import floor_of, mix_segments
 from loramix.data.sources import Document, load_documents
@@ -34,11 +34,16 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
 
         data = _with_local_dir(data, str(ensure_demo_data(data.cache_dir)))
     log("data:")
-    mixture = build_mixture(data, log)
-    train, mixed = mix_segments(_segments(mixture.train, mixture.sources, tokenizer, data, log), mixture.sources, data.mix, data.seed)
+    sources, entries, train, val = list(data.sources), {}, [], []
+    for split in split_sources(data, log):  # tokenized source by source: the texts of one source in memory at a time
+        entries[split.name] = split.manifest
+        train += _segments(split.train, sources, tokenizer, data, log)
+        val += _segments(split.val, sources, tokenizer, data, log)
+    mixture = Mixture(sources, manifest_of(data, entries))
+    train, mixed = mix_segments(train, sources, data.mix, data.seed)
     mixture.manifest["mix"] = {"strategy": data.mix.strategy, "unit": data.mix.unit, "sources": mixed}
     _log_mix(mixed, data, log)
-    prepared = Prepared(mixture, train, pack_eval_rows(_segments(mixture.val, mixture.sources, tokenizer, data, log), data.seq_len, data.packing))
+    prepared = Prepared(mixture, train, pack_eval_rows(val, data.seq_len, data.packing))
     if forgetting_sources:
         prepared.forgetting_sources = list(forgetting_sources)
         docs = [d for name, spec in forgetting_sources.items() for d in load_documents(name, spec, data, data.cap_for(spec))]
