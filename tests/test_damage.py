@@ -124,3 +124,10 @@ def test_a_preparation_killed_midway_leaves_no_torn_store(tmp_path):
     for store in tokens.iterdir():  # byte for byte what a run never killed writes
         for f in store.iterdir():
             assert f.read_bytes() == (clean / "tokens" / store.name / f.name).read_bytes(), f
+
+
+@pytest.mark.e2e
+def test_a_run_json_that_parses_but_holds_no_status_is_named(run, tmp_path, capsys):
+    (run / "run.json").write_text(json.dumps({"status": "done?", "world_size": "two"}))
+    err = _fails_in_one_line(capsys, ["merge", str(run), "--out", str(tmp_path / "out")])
+    assert f"{run / 'run.json'} is damaged (2 field(s) wrong, first: status)" in err

@@ -22,13 +22,17 @@ Kinds of directory:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from safetensors import SafetensorError, safe_open
 
 from loramix import checkpoint as ckpt
@@ -86,9 +90,9 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     missing = [f"{section}.{key}" for section, fields in saved.to_dict().items() if isinstance(fields, dict) for key in fields
                if not isinstance(raw.get(section), dict) or key not in raw[section]]
     status = read_status(run_dir)
-    expected = status.get("config_fingerprint")
+    expected = status.config_fingerprint
     why = (f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing" if missing else
-           "its training keys differ from the config fingerprint in run.json" if expected and saved.fingerprint(status.get("world_size", 1)) != expected
+           "its training keys differ from the config fingerprint in run.json" if expected and saved.fingerprint(status.world_size) != expected
            else None)
     if why:
         raise LoramixError(f"{path} is not the config this run was trained with ({why}: damaged or edited); restore it from a copy, "
@@ -96,11 +100,41 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     return load_config(path, overrides) if overrides else saved
 
 
-def read_status(run_dir: Path) -> dict:
-    """run.json (empty before the run wrote one)."""
+@pydantic_dataclass
+class RunStatus:
+    """run.json: where a run stands and what it was made from. Written by `train` at each change of status;
+    read (and validated) by every command that opens the run."""
+
+    status: Literal["running", "finished", "interrupted", "failed"] | None = None  # None: no run.json yet
+    base_fingerprint: str | None = None  # of the base weights (`model.base_fingerprint`)
+    config_fingerprint: str | None = None  # `Config.fingerprint(world_size)` of the config as asked
+    device: str | None = None
+    precision: str | None = None
+    world_size: int = 1
+    plan: dict = dataclasses.field(default_factory=dict)  # training.Plan's fields
+    probe: dict = dataclasses.field(default_factory=dict)  # probe.Verdict.record()
+    environment: dict = dataclasses.field(default_factory=dict)  # versions and hardware
+    error: str | None = None  # a failed run's exception
+    best_checkpoint: dict | None = None  # {name, val_loss} of a finished run
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def read_status(run_dir: Path) -> RunStatus:
+    """run.json (all defaults before the run wrote one).
+
+    Raises:
+        LoramixError: it does not parse or does not hold a run's status.
+    """
     path = Path(run_dir) / "run.json"
     fix = "restore it from a copy, or delete it (eval, merge and serve then skip checking the base against the one the run trained on)"
-    return read_json(path, fix) if path.is_file() else {}
+    if not path.is_file():
+        return RunStatus()
+    try:
+        return TypeAdapter(RunStatus).validate_python(read_json(path, fix))
+    except ValidationError as e:
+        raise LoramixError(f"{path} is damaged ({e.error_count()} field(s) wrong, first: {'.'.join(map(str, e.errors()[0]['loc']))}); {fix}") from None
 
 
 def adapter_path(source: Path) -> Path:
@@ -197,7 +231,7 @@ def attach_trained(source: Path, base, adapter_name: str = "default"):
         LoramixError: no adapter yet, or a base other than the run's.
     """
     adapter = adapter_path(source)
-    expected = read_status(source).get("base_fingerprint") if kind_of(source) == RUN else None
+    expected = read_status(source).base_fingerprint if kind_of(source) == RUN else None
     if expected and base_fingerprint(base) != expected:  # hashed only where a run recorded what to compare with
         name = base.config.name_or_path or "the base model"
         raise LoramixError(f"{name} differs from the base {source} was trained on; restore that base model")
@@ -236,7 +270,7 @@ def load_adapters(sources: list[Path]):
     model, tokenizer = attach_trained(sources[0], base, names[0]), load_tokenizer(mc, cache_dir)
     for source, name in zip(sources[1:], names[1:]):
         # A run records its base's fingerprint: compare that, and build the base only for adapter dirs.
-        theirs = read_status(source).get("base_fingerprint") if kind_of(source) == RUN else None
+        theirs = read_status(source).base_fingerprint if kind_of(source) == RUN else None
         if theirs is None:
             theirs = base_fingerprint(load_base_model(*base_model_config(source)))
         if theirs != fingerprint:
@@ -253,7 +287,7 @@ class Run:
     path: Path
     config: Config
     manifest: dict
-    status: dict
+    status: RunStatus
     metrics: list[dict]
     eval: EvalResult | None
 
@@ -300,8 +334,8 @@ def save_config(run_dir: Path, cfg: Config) -> None:
     write_atomic(Path(run_dir) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-def write_status(run_dir: Path, status: dict) -> None:
-    write_json(Path(run_dir) / "run.json", status)
+def write_status(run_dir: Path, status: RunStatus) -> None:
+    write_json(Path(run_dir) / "run.json", status.to_dict())
 
 
 def save_adapter(model, run_dir: Path, card: str, initial: Path | None = None) -> Path:

@@ -53,4 +53,4 @@ def _card(source: Path, targets: list[str]) -> str:
     if kind_of(source) != RUN:
         return merged_adapter_card(adapter_base(source), source)
     run = load_run(source)
-    return model_card(run.config, run.manifest, run.eval, targets, run.status.get("plan", {}).get("trainable"), merged=True)
+    return model_card(run.config, run.manifest, run.eval, targets, run.status.plan.get("trainable"), merged=True)

@@ -128,7 +128,7 @@ def _summary_row(run: Run) -> list[str]:
     last = train_rows[-1] if train_rows else {}
     e = run.eval
     o = e.overall if e else None
-    return [run.name, run.status.get("status", "?"), str(last.get("step", 0)), _f(last.get("elapsed_s"), 1),
+    return [run.name, run.status.status or "?", str(last.get("step", 0)), _f(last.get("elapsed_s"), 1),
             _f(last.get("tokens_per_s"), 0), _f(e and e.samples_per_s, 1),
             _f(o and o.loss), _f(o and o.ppl, 2), _f(o and o.bpt, 3), _f(o and o.bpb, 3)]
 
@@ -140,7 +140,7 @@ def _change_table(changes: dict[str, Change]) -> tuple:
 
 def _packing(run: Run) -> str:
     """As the run trained: data.packing=auto is what the exactness probe decided (run.json)."""
-    probe = run.status.get("probe")
+    probe = run.status.probe
     packed = run.config.data.packing if run.config.data.packing != "auto" or not probe else probe["packing_exact"]
     return f"{'on' if packed else 'off'}{' (auto)' if run.config.data.packing == 'auto' else ''}"
 
@@ -153,7 +153,7 @@ def _run_blocks(run: Run, several: bool) -> list[tuple]:
     out.append(("p", f"Model {m.name} ({m.init}{', ' + sizes if sizes else ''}); LoRA r={lo.r}, alpha={lo.alpha}, "
                      f"dropout={lo.dropout}, targets {', '.join(lo.targets)}; {t.epochs} epoch(s), AdamW lr {t.lr}, "
                      f"weight decay {t.weight_decay}, {t.warmup_steps} warmup steps; batch {t.micro_batch} x {t.grad_accum} "
-                     f"x {run.status.get('world_size', 1)} process(es) in {t.batch_unit}; sequence length {d.seq_len}, "
+                     f"x {run.status.world_size} process(es) in {t.batch_unit}; sequence length {d.seq_len}, "
                      f"packing {_packing(run)}; {len(d.sources)} sources, cap {d.cap}, {d.val_share:.0%} held out."))
     out.append(("table", ["source", "train", "validation", "weight"],
                 [[n, str(s["train"]), str(s["val"]), str(s["weight"])] for n, s in run.manifest["sources"].items()]))
@@ -167,9 +167,9 @@ def _run_blocks(run: Run, several: bool) -> list[tuple]:
     if e and e.forgetting_sources:
         out.append(("p", "Forgetting sources (eval.forgetting_sources), never trained on: what the adapter costs outside the mixture."))
         out.append(_change_table(e.forgetting_sources.forgetting))
-    env = run.status.get("environment", {})
-    out.append(("p", f"Hardware and versions: device {run.status.get('device', '?')} ({env.get('gpu') or 'CPU, ' + str(env.get('cpu_count')) + ' cores'}), "
-                     f"precision {run.status.get('precision', '?')}; Python {env.get('python')}, torch {env.get('torch')}, "
+    env = run.status.environment
+    out.append(("p", f"Hardware and versions: device {run.status.device or '?'} ({env.get('gpu') or 'CPU, ' + str(env.get('cpu_count')) + ' cores'}), "
+                     f"precision {run.status.precision or '?'}; Python {env.get('python')}, torch {env.get('torch')}, "
                      f"transformers {env.get('transformers')}, peft {env.get('peft')}; {env.get('platform')}."))
     return out
 

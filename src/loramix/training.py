@@ -173,12 +173,12 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
         return TrainResult(model, plan, None, None)
 
     resume_from = _open_run_dir(run_dir, asked, data, overwrite, dist, log)  # the run dir keeps the config as asked
-    status = {**fingerprints, "device": str(device), "precision": precision, "world_size": dist.world,
-              "plan": vars(plan), "probe": inputs.verdict.record(), "environment": artifacts.environment()}
+    status = artifacts.RunStatus(device=str(device), precision=precision, world_size=dist.world, plan=vars(plan), probe=inputs.verdict.record(),
+                                 environment=artifacts.environment(), **fingerprints)
 
     def record(**fields) -> None:
         if dist.main:
-            artifacts.write_status(run_dir, {**status, **fields})
+            artifacts.write_status(run_dir, replace(status, **fields))
 
     record(status="running")
     # PiSSA and OLoRA move part of the base into the adapter: keep its initial state to convert back.
@@ -295,7 +295,7 @@ def _open_run_dir(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, d
 
 def _resume_point(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, world: int, log) -> Path | None:
     if cfg.train.resume == "auto" and artifacts.kind_of(run_dir) == artifacts.RUN:
-        saved_world = artifacts.read_status(run_dir).get("world_size", 1)
+        saved_world = artifacts.read_status(run_dir).world_size
         diff = config_diff(artifacts.load_run_config(run_dir), cfg, saved_world, world)
         if diff:
             raise LoramixError(f"cannot resume {run_dir}: the config differs ({'; '.join(diff)}); resume with the run's own config "
