@@ -17,6 +17,8 @@ import hashlib
 import itertools
 import json
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +83,7 @@ def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer) -> N
         tmp.mkdir()
         crc, offsets, completion, done = dict.fromkeys(_RAW, 0), [np.zeros(1, np.int64)], [], 0
         with (tmp / "ids.bin").open("wb") as f_ids, (tmp / "bytes.bin").open("wb") as f_bytes:
-            for i, j in _chunks(texts):
-                chunk = _encode_chunk(texts[i:j], tokenizer, bos)
+            for chunk in _encoded(texts, tokenizer, bos):
                 for name, f in (("ids", f_ids), ("bytes", f_bytes)):
                     raw = chunk[name].tobytes()
                     f.write(raw)
@@ -95,6 +96,23 @@ def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer) -> N
             np.save(tmp / f"{name}.npy", array)
             crc[name] = zlib.crc32((tmp / f"{name}.npy").read_bytes())
         write_json(tmp / "meta.json", {"version": _VERSION, "docs": len(texts), "tokens": done, "crc32": crc})
+
+
+def _encoded(texts: list[tuple[str, int, bool]], tokenizer, bos: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    """`_encode_chunk` of each chunk in order; the tokenizer (Rust, on every core, without the GIL) encodes the
+    next chunk in a thread while this one's arrays are built and written."""
+    bounds = _chunks(texts)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(_tokenize, texts, *bounds[0], tokenizer) if bounds else None
+        for k, (i, j) in enumerate(bounds):
+            encodings = ahead.result()
+            if k + 1 < len(bounds):
+                ahead = pool.submit(_tokenize, texts, *bounds[k + 1], tokenizer)
+            yield _encode_chunk(texts[i:j], encodings, tokenizer, bos)
+
+
+def _tokenize(texts: list[tuple[str, int, bool]], i: int, j: int, tokenizer):
+    return tokenizer.backend_tokenizer.encode_batch([t for t, _, _ in texts[i:j]], add_special_tokens=False)
 
 
 def _chunks(texts: list[tuple[str, int, bool]]) -> list[tuple[int, int]]:
@@ -155,13 +173,12 @@ def _as_text(doc: Document, tokenizer, chat: bool) -> tuple[str, int, bool]:
     return full, len(head), False  # the template writes its own BOS
 
 
-def _encode_chunk(texts: list[tuple[str, int, bool]], tokenizer, bos: np.ndarray) -> dict[str, np.ndarray]:
+def _encode_chunk(texts: list[tuple[str, int, bool]], encodings, tokenizer, bos: np.ndarray) -> dict[str, np.ndarray]:
     """One chunk: [BOS] text EOS per document. A token's bytes are those of the characters after the furthest
     end any earlier token of its document reached, up to its own end (offsets may skip the space a byte-level
     token stands for, and byte-fallback tokens of one character share its span); the last text token also
     takes what is left of the text. Computed over the chunk's texts joined, with UTF-8 byte positions per
     character from their code points."""
-    encodings = tokenizer.backend_tokenizer.encode_batch([t for t, _, _ in texts], add_special_tokens=False)
     n = np.array([len(e.ids) for e in encodings], dtype=np.int64)
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(n.sum()))
     spans = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets) for e in encodings), dtype=np.int64,
@@ -210,10 +227,23 @@ def _added_prefix(tokenizer) -> list[int]:
     return next((full[:k] for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), [])
 
 
+def _tokenizer_digest(tokenizer) -> bytes:
+    """What of the tokenizer decides the tokens: its vocabulary, EOS and added prefix. Hashed once per
+    tokenizer (sorting a 50k-entry vocabulary for each of a mixture's 16 splits cost seconds)."""
+    cached = _DIGESTS.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        h = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(repr((tokenizer.eos_token_id, _added_prefix(tokenizer))).encode())
+        cached = _DIGESTS[id(tokenizer)] = (tokenizer, h.digest())
+    return cached[1]
+
+
+_DIGESTS: dict[int, tuple[object, bytes]] = {}
+
+
 def _cache_key(tokenizer, texts: list[tuple[str, int, bool]]) -> str:
     h = hashlib.sha256(f"v{_VERSION}".encode())
-    h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(repr((tokenizer.eos_token_id, _added_prefix(tokenizer))).encode())
+    h.update(_tokenizer_digest(tokenizer))
     for text, prompt, add_bos in texts:
         h.update(hashlib.sha256(f"{prompt}:{add_bos}:{text}".encode()).digest())
     return h.hexdigest()[:32]
