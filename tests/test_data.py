@@ -419,3 +419,21 @@ def test_adaptive_dry_run_names_its_start_and_schedule(cache_dir, tmp_path, caps
     out = capsys.readouterr().out
     assert rc == 0 and not (tmp_path / "r").exists()
     assert "adaptive: from data.mix.proportions, every 10 steps toward squad (step 0.5, floor 0.25, smoothing 0.5)" in out
+
+
+@pytest.mark.unit
+def test_token_store_is_the_same_whatever_the_chunking(tmp_path, tokenizer, monkeypatch):
+    """Bytes per token and completion starts are computed over a chunk's texts joined: chunks of 1, 2 and all
+    documents, ASCII and not, give the same store (ids, bytes, completion)."""
+    from loramix.data import tokens
+    from loramix.data.sources import Document
+
+    docs = [Document("a", 0, "Hello world"), Document("a", 1, "naïve café, 日本語 and 😀 emoji", 6), Document("a", 2, "x"),
+            Document("a", 3, "Question: why?\nAnswer: because", 15), Document("a", 4, "  spaces\n\n\ttabs  ")]
+    reference = tokenize_documents(docs, tokenizer, str(tmp_path / "all"), lambda *a: None)
+    assert sum(int(t.bytes.sum()) for t in reference) == sum(len(d.text.encode()) for d in docs)
+    for size, chars in ((1, 1 << 22), (2, 1 << 22), (4096, 8)):
+        monkeypatch.setattr(tokens, "_CHUNK", size)
+        monkeypatch.setattr(tokens, "_CHUNK_CHARS", chars)
+        got = tokenize_documents(docs, tokenizer, str(tmp_path / f"{size}-{chars}"), lambda *a: None)
+        assert [(t.ids.tolist(), t.bytes.tolist(), t.completion) for t in got] == [(t.ids.tolist(), t.bytes.tolist(), t.completion) for t in reference]
