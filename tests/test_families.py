@@ -360,7 +360,13 @@ def test_completion_only_loss_scores_the_answer(tmp_path, cache_dir):
     cfg = load_config(None, ["data.local_dir=@demo", "data.sources=[squad]", "data.cap=20", f"data.cache_dir={cache_dir}", "data.loss_on=completion"])
     tok = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tok, log=lambda *a: None)
-    doc, seg = data.mixture.train[0], data.train[0]
+    from dataclasses import replace
+
+    from loramix.data.demo import ensure_demo_data
+    from loramix.data.mixture import split_sources
+
+    demo = replace(cfg.data, local_dir=str(ensure_demo_data(cfg.data.cache_dir)))
+    doc, seg = next(split_sources(demo, log=lambda *a: None)).train[0], data.train[0]
     answer = doc.text[doc.prompt :]
     assert answer.startswith(" ") and doc.text[: doc.prompt].endswith("Answer:")
     scored = tok.decode(seg.tokens[seg.first_target :].tolist())
