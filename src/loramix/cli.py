@@ -114,6 +114,7 @@ def _dispatch(args) -> int:
         return 0
     _quiet_libraries()
     from loramix import commands
+    from loramix.runtime import finish_distributed
 
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)
@@ -134,6 +135,7 @@ def _dispatch(args) -> int:
     elif args.command == "report":
         md, page = commands.report(args.run_dirs, args.out)
         print(f"wrote {md} and {page}")
+    finish_distributed()
     return 0
 
 

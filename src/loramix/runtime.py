@@ -64,6 +64,15 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def finish_distributed() -> None:
+    """Leave torchrun's process group once every process is done. A gloo group left for interpreter exit
+    to tear down can abort its process ("terminate called without an active exception") while rank 0
+    still writes the results."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def resolve_device(name: str, dist: Dist = Dist()) -> torch.device:
     """The device `name` means for this process: 'auto' is this process's GPU (torchrun's LOCAL_RANK)
     when there is one, else the CPU; 'cuda' and 'cuda:N' need a visible GPU.
