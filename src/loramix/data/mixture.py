@@ -80,4 +80,10 @@ def _apply_weight(docs: list[Document], weight: float, rng: np.random.Generator)
 
 
 def _hash(items: list) -> str:
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+    """SHA-256 of json.dumps(items, ensure_ascii=False), fed item by item: the whole dump of a large source's
+    texts (and its UTF-8 copy) peaked at 1.9 GB on 106k cnn_dailymail articles."""
+    h = hashlib.sha256(b"[")
+    for k, item in enumerate(items):
+        h.update((", " if k else "").encode() + json.dumps(item, ensure_ascii=False).encode())
+    h.update(b"]")
+    return h.hexdigest()
