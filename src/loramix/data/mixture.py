@@ -84,6 +84,8 @@ def _hash(items: list) -> str:
     texts (and its UTF-8 copy) peaked at 1.9 GB on 106k cnn_dailymail articles."""
     h = hashlib.sha256(b"[")
     for k, item in enumerate(items):
-        h.update((", " if k else "").encode() + json.dumps(item, ensure_ascii=False).encode())
+        if k:
+            h.update(b", ")
+        h.update(json.dumps(item, ensure_ascii=False).encode())
     h.update(b"]")
     return h.hexdigest()
