@@ -46,7 +46,7 @@ def main() -> None:
     base = load_config(ROOT / "configs" / "seed.yaml", ["model.init=random", f"data.local_dir={args.data}"])
     tok = load_tokenizer(base.model)
     data = prepare_data(base.data, tok, log=lambda *a: None)
-    lengths = data.train_lengths
+    lengths = data.train.length
     seq_len = base.data.seq_len
     variants = {
         "padded to 512 (seed)": (["data.packing=false"], False),

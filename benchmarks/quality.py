@@ -123,14 +123,14 @@ def worker_prepare(spec: dict) -> dict:
             "val": [{"ids": s.tokens.tolist(), "source": s.source, "bytes": int(s.nbytes[s.first_target:].sum())} for s in val], "order": {}}
     steps, lora = {}, 0
     for seed in spec["seeds"]:
-        plan = epoch_steps(data.train_lengths, batching(cfg), seed, 0)
+        plan = epoch_steps(data.train.length, batching(cfg), seed, 0)
         docs["order"][str(seed)] = [i for step in plan for mb in step for row in mb for i in row]
         steps[str(seed)] = len(plan)
         tuned = attach_lora(copy.deepcopy(base), cfg.lora, seed)
         tuned.save_pretrained(Path(spec["work"]) / f"init-{seed}")
         lora = count_parameters(tuned)[0]
     Path(spec["work"], "docs.json").write_text(json.dumps(docs))
-    lengths = data.train_lengths.astype(float)
+    lengths = data.train.length.astype(float)
     c = base.config
     return {
         "sources": data.mixture.sources, "train_docs": len(data.train), "val_docs": len(val), "steps": steps,

@@ -17,6 +17,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _truncate_at_line(path: Path) -> None:
+    """Cut at the last line end before half: what is left still parses (as YAML, a partial config)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex(b"\n", 0, len(data) // 2) + 1])
+
+
 def _garbage(path: Path) -> None:
     path.write_bytes(b"\x00\xffnot what was written" * 64)
 
@@ -60,7 +66,7 @@ def test_a_damaged_adapter_names_the_checkpoint_that_rewrites_it(run, tmp_path, 
     ("config.yaml", ["eval", "{run}"], "config.yaml is not the config this run was trained with ("),
 ])
 def test_a_damaged_run_file_ends_in_one_line_naming_it(run, tmp_path, capsys, name, argv, message):
-    _truncate(run / name)
+    (_truncate_at_line if name == "config.yaml" else _truncate)(run / name)
     err = _fails_in_one_line(capsys, [a.format(run=run, out=tmp_path / "out") for a in argv])
     assert message in err and str(run / name) in err and not (tmp_path / "out").exists()
 

@@ -130,9 +130,10 @@ def test_packed_row_targets_never_cross_documents():
 
 @pytest.mark.unit
 def test_truncate_or_split_long_documents():
-    from loramix.data.tokens import Tokens
+    from loramix.data.tokens import TokenTable
 
-    toks = [Tokens(np.arange(10, dtype=np.int32), np.ones(10, np.int32), 1), Tokens(np.arange(3, dtype=np.int32), np.ones(3, np.int32), 1)]
+    ids = np.concatenate([np.arange(10), np.arange(3)]).astype(np.int32)  # two documents of 10 and 3 tokens
+    toks = TokenTable(ids, np.ones(13, np.int32), np.array([0, 10, 13]), np.ones(2, np.int64), np.array([0, 1]))
     trunc = make_segments(toks, [0, 1], seq_len=4, long_docs="truncate")
     assert [s.tokens.tolist() for s in trunc] == [[0, 1, 2, 3], [0, 1, 2]]
     split = make_segments(toks, [0, 1], seq_len=4, long_docs="split")
@@ -298,7 +299,7 @@ def test_proportions_are_met_in_the_actual_batches(cache_dir, unit):
     cfg, data = _mixed(cache_dir, "data.sources=[squad,imdb,ag_news]", "data.mix.strategy=proportions", f"data.mix.unit={unit}",
                        "data.mix.proportions={squad: 0.5, imdb: 0.3, ag_news: 0.2}", "data.mix.budget=" + ("6000" if unit == "tokens" else "150"))
     got = np.zeros(3)
-    for step in epoch_steps(data.train_lengths, batching(cfg), cfg.train.seed, 0):
+    for step in epoch_steps(data.train.length, batching(cfg), cfg.train.seed, 0):
         for mb in step:
             batch = collate([[data.train[i] for i in row] for row in mb], 0)
             for k in range(3):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import loramix.training as tr
 from loramix import checkpoint as ckpt
 from loramix.config import load_config
-from loramix.data.packing import IGNORE, Segment, collate, epoch_steps, pack_eval_rows
+from loramix.data.packing import IGNORE, Segment, Segments, collate, epoch_steps, pack_eval_rows
 from loramix.errors import LoramixError
 from loramix.evaluation import Scorer, evaluate, first_batch_size
 from loramix.loss import attention_mask, token_nll
@@ -221,7 +221,7 @@ def test_prefetch_worker_yields_the_inline_batches_in_the_same_order(cache_dir):
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + [f"data.cache_dir={cache_dir}"])
     data = prepare_data(cfg.data, load_tokenizer(cfg.model), log=lambda *a: None)
-    steps = epoch_steps(data.train_lengths, tr.batching(cfg), cfg.train.seed, 0)
+    steps = epoch_steps(data.train.length, tr.batching(cfg), cfg.train.seed, 0)
     loaders = {mode: tr._batches(_loop_for(load_config(ROOT / "configs" / "demo.yaml", TINY + [f"train.prefetch={mode}"]), data), steps)
                for mode in ("on", "off", "auto")}
     assert (loaders["on"].num_workers, loaders["off"].num_workers, loaders["auto"].num_workers) == (1, 0, 0)  # auto: on CUDA only
@@ -244,7 +244,7 @@ def _eval_rows(n=24, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(2, 60, n)
     docs = [Segment(k % 3, rng.integers(0, 50000, int(m)).astype(np.int32), np.full(int(m), 3, np.int32)) for k, m in enumerate(lengths)]
-    return pack_eval_rows(docs, 64, packing=False)
+    return pack_eval_rows(Segments.of(docs), 64, packing=False)
 
 
 @pytest.mark.parity
@@ -374,7 +374,7 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
 def test_packed_documents_have_the_states_and_losses_they_have_alone_on_gpu(precision):
     model, device = tiny_lora_model(128, 0, "model.n_embd=64").cuda(), torch.device("cuda")
     docs = _docs([20, 3, 57, 11, 8, 30, 2, 44])
-    rows = pack_eval_rows(docs, 64, packing=True)
+    rows = pack_eval_rows(Segments.of(docs), 64, packing=True)
     assert len(rows) < len(docs)
     packed = collate(rows, 50256).to(device)
     with torch.no_grad(), autocast_for(device, precision)():
@@ -409,7 +409,7 @@ def test_merged_model_matches_the_adapter_on_gpu(precision):
                 p.normal_(0, 0.5)  # a trained-looking adapter: B is zero at init
     merged = copy.deepcopy(model).merge_and_unload().to(device).eval()
     model = model.to(device)
-    batch = collate(pack_eval_rows(_docs([20, 3, 57, 11, 8, 30]), 64, packing=True), 50256).to(device)
+    batch = collate(pack_eval_rows(Segments.of(_docs([20, 3, 57, 11, 8, 30])), 64, packing=True), 50256).to(device)
     with torch.no_grad(), autocast_for(device, precision)():
         adapter, nll = _hidden(model, batch), token_nll(model, batch)
         with model.disable_adapter():
@@ -428,7 +428,7 @@ def test_flash_attention_varlen_matches_sdpa_on_gpu(precision):
     for attention in ("sdpa", "flash_attention_2"):
         cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=2", f"model.attention={attention}"])
         model = load_base_model(cfg.model, 128).to(device).eval()
-        batch = collate(pack_eval_rows(_docs([20, 3, 57, 11, 8, 30]), 64, True), 50256).to(device)
+        batch = collate(pack_eval_rows(Segments.of(_docs([20, 3, 57, 11, 8, 30])), 64, True), 50256).to(device)
         with torch.no_grad(), autocast_for(device, precision)():
             losses[attention] = token_nll(model, batch).float().cpu()
     torch.testing.assert_close(losses["flash_attention_2"], losses["sdpa"], rtol=2e-2, atol=2e-2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loramix.config import load_config
-from loramix.data.packing import IGNORE, Batching, Segment, best_fit_decreasing, collate, epoch_steps, pack_eval_rows
+from loramix.data.packing import IGNORE, Batching, Segment, Segments, best_fit_decreasing, collate, epoch_steps, pack_eval_rows
 from loramix.evaluation import evaluate
 from loramix.loss import attention_mask, token_nll
 from loramix.model import load_tokenizer
@@ -40,7 +40,7 @@ def test_epoch_plan_covers_every_document_once(unit):
         assert [len(d) for d in docs] == [12] * 41 + [8]
         order = np.random.default_rng([1, 0]).permutation(500)
         assert [sorted(d) for d in docs] == [sorted(order[k : k + 12].tolist()) for k in range(0, 500, 12)]
-    assert epoch_steps(lengths, b, 1, 0) == steps != epoch_steps(lengths, b, 1, 1)
+    assert list(epoch_steps(lengths, b, 1, 0)) == list(steps) != list(epoch_steps(lengths, b, 1, 1))
     rows = [row for step in steps for mb in step for row in mb]
     fill = lengths.sum() / (len(rows) * 64)
     assert fill > (0.83 if unit == "docs" else 0.9)  # uniform 1..64 in rows of 64: hard to pack, harder 12 at a time
@@ -80,7 +80,7 @@ def test_document_packed_second_has_the_logits_it_has_alone():
 def test_packed_and_unpacked_per_document_losses_match():
     model = _tiny()
     docs = _docs([20, 3, 57, 11, 8, 30, 2, 44])
-    rows = pack_eval_rows(docs, seq_len=64, packing=True)
+    rows = pack_eval_rows(Segments.of(docs), seq_len=64, packing=True)
     assert len(rows) < len(docs)
     packed = collate(rows, pad_id=50256)
     with torch.no_grad():
@@ -89,20 +89,20 @@ def test_packed_and_unpacked_per_document_losses_match():
         for b, row in enumerate(rows):
             t = 0
             for seg in row:
-                per_doc_packed[id(seg)] = nll_packed[b, t : t + len(seg.tokens) - 1]
+                per_doc_packed[seg.tokens.tobytes()] = nll_packed[b, t : t + len(seg.tokens) - 1]
                 assert (packed.targets[b, t + len(seg.tokens) - 1] == IGNORE)  # the boundary carries no label
                 t += len(seg.tokens)
         for seg in docs:
             alone = token_nll(model, collate([[seg]], pad_id=50256))[0, : len(seg.tokens) - 1]
-            torch.testing.assert_close(per_doc_packed[id(seg)], alone, rtol=0, atol=1e-5)
+            torch.testing.assert_close(per_doc_packed[seg.tokens.tobytes()], alone, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parity
 def test_packed_eval_equals_unpacked_eval():
     model = _tiny()
     docs = _docs([20, 3, 57, 11, 8, 30, 2, 44, 64, 1])
-    a = evaluate(model, pack_eval_rows(docs, 64, True), ["a", "b", "c"], "cpu", 50256, batch_size=2)
-    b = evaluate(model, pack_eval_rows(docs, 64, False), ["a", "b", "c"], "cpu", 50256, batch_size=3)
+    a = evaluate(model, pack_eval_rows(Segments.of(docs), 64, True), ["a", "b", "c"], "cpu", 50256, batch_size=2)
+    b = evaluate(model, pack_eval_rows(Segments.of(docs), 64, False), ["a", "b", "c"], "cpu", 50256, batch_size=3)
     assert a.rows < b.rows and a.samples == b.samples == 10
     for name in ["a", "b", "c"]:
         assert a.per_source[name].loss == pytest.approx(b.per_source[name].loss, rel=1e-5)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -224,12 +225,19 @@ class DataConfig:
     pack_window: Positive[Int] = F(2048, "with train.batch_unit=rows: documents per best-fit packing window (larger: less waste; windows follow the shuffled "
                                          "order, so sources stay mixed)")
     seed: Int = F(0, "seed for sampling and the held-out split (independent of train.seed)")
+    num_proc: Positive[Int] | None = F(None, "threads that tokenize side by side (the Rust tokenizer drops the GIL); null: the cores this process may use",
+                                       trains=False)
     cache_dir: str = F(DEFAULT_CACHE, "where tokenized data, generated demo data and dequantized GGUF bases are cached", trains=False, scoring=True)
     mix: MixConfig = F(doc="how much of each source trains (data.mix.strategy)", factory=MixConfig)
 
     def cap_for(self, spec: SourceConfig) -> int | None:
         """The cap a source is sampled to: its own, else the mixture-wide data.cap."""
         return spec.cap if spec.cap is not None else self.cap
+
+    @property
+    def workers(self) -> int:
+        """data.num_proc, else the cores this process may run on."""
+        return self.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @_section

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +91,7 @@ class EvalResult(Scores):
         return TypeAdapter(cls).validate_python(raw)
 
 
-def evaluate(model, rows: list[Row], sources: list[str], device, pad_id: int,
+def evaluate(model, rows: Sequence[Row], sources: list[str], device, pad_id: int,
              batch_size: int | None = None, autocast=contextlib.nullcontext, dist: Dist = Dist(),  # noqa: B008 (frozen: one process)
              progress: bool = False) -> EvalResult:
     """Metrics overall and per source over `rows`, plus throughput; the model's train/eval mode is restored.
@@ -122,7 +122,7 @@ def first_batch_size(device) -> int:
 
 
 @torch.no_grad()
-def _evaluate(model, rows: list[Row], sources: list[str], device, pad_id: int, size: int, autocast,
+def _evaluate(model, rows: Sequence[Row], sources: list[str], device, pad_id: int, size: int, autocast,
               dist: Dist, progress: bool) -> EvalResult:
     from tqdm.auto import tqdm
 
@@ -170,7 +170,7 @@ class Scorer:
     dist: Dist = Dist()
     progress: bool = False
 
-    def __call__(self, rows: list[Row], sources: list[str], adapter: bool = True) -> EvalResult:
+    def __call__(self, rows: Sequence[Row], sources: list[str], adapter: bool = True) -> EvalResult:
         """Score `rows`; with `adapter=False`, the base model (the PEFT adapter disabled)."""
         with contextlib.nullcontext() if adapter else self.model.disable_adapter():
             result = evaluate(self.model, rows, sources, self.device, self.pad_id, self.batch_size,
@@ -185,8 +185,8 @@ def compare_with_base(tuned: Scores, base: Scores) -> dict[str, Change]:
     return {name: Change(base_of[name].loss, m.loss, m.loss - base_of[name].loss) for name, m in tuned.named()}
 
 
-def forgetting_check(score: Scorer, result: EvalResult, val_rows: list[Row], sources: list[str], base_compare: bool,
-                     forgetting_rows: list[Row], forgetting_sources: list[str], log=print) -> EvalResult:
+def forgetting_check(score: Scorer, result: EvalResult, val_rows: Sequence[Row], sources: list[str], base_compare: bool,
+                     forgetting_rows: Sequence[Row], forgetting_sources: list[str], log=print) -> EvalResult:
     """`result` with the forgetting check added: eval.base_compare scores the validation rows again with
     the adapter disabled; eval.forgetting_sources scores sources never trained on with and without it."""
     if base_compare:

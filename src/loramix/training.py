@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loramix import artifacts
 from loramix import checkpoint as ckpt
 from loramix.card import model_card
 from loramix.config import Config, config_diff
-from loramix.data.packing import Batch, Batching, Step, collate, epoch_steps
+from loramix.data.packing import Batch, Batching, Step, Steps, collate, epoch_steps
 from loramix.data.prepare import Prepared
 from loramix.data.sampling import Steered, reweight, start_state
 from loramix.errors import LoramixError
@@ -91,26 +92,31 @@ class Schedule:
     data.mix.every steps at a time, drawn from the state's current weights (`Steered`); an epoch is as many
     steps as one pass over the pool takes."""
 
-    epochs: list[list[Step]]
+    epochs: list[Steps]
     steered: Steered | None
     steps_per_epoch: int
     total: int
     every: int
 
-    def upcoming(self, state: ckpt.TrainState) -> tuple[list[tuple[int, Step]], list[int] | None]:
-        """(epoch, step) from state.step to the end (static) or to the end of its interval (adaptive), with,
-        for adaptive, the segments taken per source once the interval is done."""
+    def upcoming(self, state: ckpt.TrainState) -> tuple[list[int], Sequence[Step], list[int] | None]:
+        """The steps from state.step to the end of its epoch (static) or of its interval (adaptive) and the
+        epoch of each, with, for adaptive, the segments taken per source once the interval is done."""
         if self.steered is None:
-            return [(e, step) for e, ep in enumerate(self.epochs) for step in ep][state.step : self.total], None
+            epoch, at = 0, state.step
+            while at >= len(self.epochs[epoch]):
+                epoch, at = epoch + 1, at - len(self.epochs[epoch])
+            steps = self.epochs[epoch][at : at + self.total - state.step]
+            return [epoch] * len(steps), steps, None
         first = state.step - state.step % self.every
         steps, taken = self.steered.steps(state.mix["weights"], state.mix["taken"], min(first + self.every, self.total) - first)
-        return [(k // self.steps_per_epoch, step) for k, step in enumerate(steps, first)][state.step - first :], taken
+        steps = steps[state.step - first :]
+        return [k // self.steps_per_epoch for k in range(state.step, state.step + len(steps))], steps, taken
 
 
 def make_plan(cfg: Config, data: Prepared, model, world: int = 1) -> tuple[Plan, Schedule]:
     """The optimizer steps and their summary (for adaptive, the summary of a static first epoch). Every
     process computes the same steps and takes its share of each."""
-    lengths, b, adaptive = data.train_lengths, batching(cfg, world), cfg.data.mix.strategy == "adaptive"
+    lengths, b, adaptive = data.train.length, batching(cfg, world), cfg.data.mix.strategy == "adaptive"
     epochs = [epoch_steps(lengths, b, cfg.train.seed, e) for e in range(1 if adaptive else cfg.train.epochs)]
     total = len(epochs[0]) * cfg.train.epochs if adaptive else sum(len(steps) for steps in epochs)
     if cfg.train.max_steps:
@@ -118,14 +124,13 @@ def make_plan(cfg: Config, data: Prepared, model, world: int = 1) -> tuple[Plan,
     first = epochs[0]
     steered = Steered(data.train, len(data.mixture.sources), b, cfg.data.mix.unit, cfg.train.seed) if adaptive else None
     schedule = Schedule(epochs, steered, len(first), total, cfg.data.mix.every)
-    rows = [row for step in first for mb in step for row in mb]
-    tokens = int(sum(lengths[i] for row in rows for i in row))
+    tokens, n_rows = int(lengths[first.segments].sum()), first.n_rows
     trainable, total_params = count_parameters(model)
     plan = Plan(
-        train_docs=len(data.train), val_docs=sum(len(r) for r in data.val_rows), val_rows=len(data.val_rows),
+        train_docs=len(data.train), val_docs=data.val_rows.n_segments, val_rows=len(data.val_rows),
         steps_per_epoch=len(first), total_steps=total, docs_per_step=len(data.train) / len(first),
-        rows_per_step=len(rows) / len(first), tokens_per_step=tokens / len(first),
-        fill=tokens / (len(rows) * cfg.data.seq_len), trainable=trainable, total_params=total_params, targets=model.loramix_targets.describe(), world=world,
+        rows_per_step=n_rows / len(first), tokens_per_step=tokens / len(first),
+        fill=tokens / (n_rows * cfg.data.seq_len), trainable=trainable, total_params=total_params, targets=model.loramix_targets.describe(), world=world,
     )
     return plan, schedule
 
@@ -334,9 +339,9 @@ def fit(loop: Loop, schedule: Schedule) -> EvalResult | None:
 def _run_steps(loop: Loop, schedule: Schedule, bar: Progress, stop: StopOnSignal) -> EvalResult | None:
     """The steps `schedule` has up next: train, log, reweight, validate and checkpoint as each is due."""
     tc, state, total = loop.cfg.train, loop.state, loop.plan.total_steps
-    todo, taken = schedule.upcoming(state)
+    epochs, steps, taken = schedule.upcoming(state)
     last_eval = None
-    for (epoch, step), micro in zip(todo, _batches(loop, [step for _, step in todo])):
+    for epoch, step, micro in zip(epochs, steps, _batches(loop, steps)):
         lr = lr_at(state.step, total, tc.warmup_steps, tc.lr)
         stopping = _train_step(loop, step, micro, lr, stop.signum is not None)
         if taken is not None and state.step % schedule.every == 0:
@@ -361,8 +366,8 @@ def _train_step(loop: Loop, step: Step, micro: list[Batch], lr: float, stop: boo
     state = loop.state
     for group in loop.optimizer.param_groups:
         group["lr"] = lr
-    segments = loop.data.train
-    n_targets = sum(segments[i].n_targets for mb in step for row in mb for i in row)  # the step's, on every process: no communication
+    # The step's targets, on every process (no communication), from its own segments' columns.
+    n_targets = int(loop.data.train.n_targets(np.fromiter((i for mb in step for row in mb for i in row), dtype=np.int64)).sum())
     for batch in micro:
         batch = batch.to(loop.device)
         with loop.autocast():
@@ -387,7 +392,7 @@ def _train_step(loop: Loop, step: Step, micro: list[Batch], lr: float, stop: boo
 class _StepBatches(torch.utils.data.Dataset):
     """Item k: this process's micro-batches of the k-th step (every world-th row, micro_batch rows at a time)."""
 
-    def __init__(self, loop: Loop, steps: list[Step]):
+    def __init__(self, loop: Loop, steps: Sequence[Step]):
         self.steps, self.segments, self.pad_id = steps, loop.data.train, loop.pad_id
         self.rank, self.world, self.micro_batch = loop.dist.rank, loop.dist.world, loop.cfg.train.micro_batch
 
@@ -400,7 +405,7 @@ class _StepBatches(torch.utils.data.Dataset):
                 for j in range(0, len(mine), self.micro_batch)]
 
 
-def _batches(loop: Loop, steps: list[Step]) -> torch.utils.data.DataLoader:
+def _batches(loop: Loop, steps: Sequence[Step]) -> torch.utils.data.DataLoader:
     """The steps' batches in order. With train.prefetch ('auto': on CUDA) a DataLoader worker process
     builds the next steps' batches while the device computes; otherwise the training process builds each
     one when it is due. On CUDA the pin-memory thread page-locks them for asynchronous copies."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from loramix.config import DataConfig, SourceConfig
 from loramix.data.mixture import Mixture, manifest_of, split_sources
-from loramix.data.packing import Row, Segment, make_segments, pack_eval_rows
+from loramix.data.packing import Rows, Segments, make_segments, pack_eval_rows
 from loramix.data.sampling import floor_of, mix_segments
 from loramix.data.sources import Document, load_documents
 from loramix.data.tokens import tokenize_documents
@@ -17,14 +17,10 @@ from loramix.data.tokens import tokenize_documents
 @dataclass
 class Prepared:
     mixture: Mixture
-    train: list[Segment]  # the training loop packs these anew every epoch
-    val_rows: list[Row]  # packed once: the metrics do not depend on the order
+    train: Segments  # the training loop packs these anew every epoch
+    val_rows: Rows  # packed once: the metrics do not depend on the order
     forgetting_sources: list[str] = field(default_factory=list)  # never trained on: the forgetting check
-    forgetting_rows: list[Row] = field(default_factory=list)
-
-    @property
-    def train_lengths(self) -> np.ndarray:
-        return np.array([len(s.tokens) for s in self.train])
+    forgetting_rows: Rows | None = None
 
 
 def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dict[str, SourceConfig] | None = None) -> Prepared:
@@ -37,13 +33,13 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
     sources, entries, train, val = list(data.sources), {}, [], []
     for split in split_sources(data, log):  # tokenized source by source: the texts of one source in memory at a time
         entries[split.name] = split.manifest
-        train += _segments(split.train, sources, tokenizer, data, log)
-        val += _segments(split.val, sources, tokenizer, data, log)
+        train.append(_segments(split.train, sources, tokenizer, data, log))
+        val.append(_segments(split.val, sources, tokenizer, data, log))
     mixture = Mixture(sources, manifest_of(data, entries))
-    train, mixed = mix_segments(train, sources, data.mix, data.seed)
+    train, mixed = mix_segments(Segments.concat(train), sources, data.mix, data.seed)
     mixture.manifest["mix"] = {"strategy": data.mix.strategy, "unit": data.mix.unit, "sources": mixed}
     _log_mix(mixed, data, log)
-    prepared = Prepared(mixture, train, pack_eval_rows(val, data.seq_len, data.packing))
+    prepared = Prepared(mixture, train, pack_eval_rows(Segments.concat(val), data.seq_len, data.packing))
     if forgetting_sources:
         prepared.forgetting_sources = list(forgetting_sources)
         docs = [d for name, spec in forgetting_sources.items() for d in load_documents(name, spec, data, data.cap_for(spec))]
@@ -66,10 +62,12 @@ def _log_mix(mixed: dict, data: DataConfig, log) -> None:
             f"smoothing {mix.smoothing:g}); the weights are logged as 'mix' rows")
 
 
-def _segments(docs: list[Document], sources: list[str], tokenizer, data: DataConfig, log) -> list[Segment]:
+def _segments(docs: list[Document], sources: list[str], tokenizer, data: DataConfig, log) -> Segments:
     """Documents -> token segments of at most seq_len, each tagged with its source's index in `sources`."""
-    tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log, chat=data.chat_template)
-    return make_segments(tokens, [sources.index(d.source) for d in docs], data.seq_len, data.long_docs, data.loss_on)
+    tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log, chat=data.chat_template, workers=data.workers)
+    index = {name: k for k, name in enumerate(sources)}
+    return make_segments(tokens, np.fromiter((index[d.source] for d in docs), dtype=np.int64, count=len(docs)), data.seq_len, data.long_docs,
+                         data.loss_on)
 
 
 def _with_local_dir(data: DataConfig, local_dir: str) -> DataConfig:

@@ -23,17 +23,16 @@ import bisect
 import numpy as np
 
 from loramix.config import MixConfig
-from loramix.data.packing import Batching, Segment, Step, as_step, best_fit_decreasing
+from loramix.data.packing import Batching, Segments, Step, as_step, best_fit_decreasing
 
 
-def mix_segments(segments: list[Segment], sources: list[str], mix: MixConfig, seed: int) -> tuple[list[Segment], dict]:
+def mix_segments(segments: Segments, sources: list[str], mix: MixConfig, seed: int) -> tuple[Segments, dict]:
     """The epoch's training segments under `mix`, and per source what it got: documents, target tokens,
     their shares and the passes over the source's own segments ('epochs')."""
-    src = np.array([s.source for s in segments], dtype=np.int64)
-    tokens = np.array([s.n_targets for s in segments], dtype=np.float64)
+    src, tokens = segments.source, segments.n_targets().astype(np.float64)
     units = tokens if mix.unit == "tokens" else np.ones(len(segments))
     if mix.strategy in ("weights", "adaptive"):
-        chosen = list(range(len(segments)))
+        chosen = np.arange(len(segments))
     else:
         sizes = np.array([units[src == k].sum() for k in range(len(sources))])
         if mix.strategy == "proportions":
@@ -43,8 +42,8 @@ def mix_segments(segments: list[Segment], sources: list[str], mix: MixConfig, se
             shares = shares / shares.sum()
         budget = mix.budget or sizes.sum()
         rng = np.random.default_rng([seed, 2])
-        chosen = [i for k in range(len(sources)) for i in _draw(np.flatnonzero(src == k), units, shares[k] * budget, rng)]
-    return [segments[i] for i in chosen], _report(chosen, src, tokens, units, sources)
+        chosen = np.array([i for k in range(len(sources)) for i in _draw(np.flatnonzero(src == k), units, shares[k] * budget, rng)], dtype=np.int64)
+    return segments.take(chosen), _report(chosen, src, tokens, units, sources)
 
 
 def _draw(members: np.ndarray, units: np.ndarray, want: float, rng: np.random.Generator) -> list[int]:
@@ -60,9 +59,8 @@ def _draw(members: np.ndarray, units: np.ndarray, want: float, rng: np.random.Ge
     return out
 
 
-def _report(chosen: list[int], src: np.ndarray, tokens: np.ndarray, units: np.ndarray, sources: list[str]) -> dict:
+def _report(picked: np.ndarray, src: np.ndarray, tokens: np.ndarray, units: np.ndarray, sources: list[str]) -> dict:
     """Per source: what it got, and its passes over its own segments counted in the mix's unit."""
-    picked = np.array(chosen, dtype=np.int64)
     docs = np.bincount(src[picked], minlength=len(sources)) if len(picked) else np.zeros(len(sources), dtype=np.int64)
     toks = np.bincount(src[picked], weights=tokens[picked], minlength=len(sources)) if len(picked) else np.zeros(len(sources))
     got = np.bincount(src[picked], weights=units[picked], minlength=len(sources)) if len(picked) else np.zeros(len(sources))
@@ -72,14 +70,14 @@ def _report(chosen: list[int], src: np.ndarray, tokens: np.ndarray, units: np.nd
             for k, name in enumerate(sources)}
 
 
-def start_state(mix: MixConfig, sources: list[str], segments: list[Segment]) -> dict:
+def start_state(mix: MixConfig, sources: list[str], segments: Segments) -> dict:
     """An adaptive run's state before its first step: the shares data.mix.proportions gives, else each
     source's share of the pool; no segment taken, no loss seen."""
     if mix.proportions:
         shares = [float(mix.proportions[name]) for name in sources]
     else:
-        units = np.array([s.n_targets if mix.unit == "tokens" else 1 for s in segments], dtype=np.float64)
-        sizes = np.bincount([s.source for s in segments], weights=units, minlength=len(sources))
+        units = segments.n_targets() if mix.unit == "tokens" else np.ones(len(segments))
+        sizes = np.bincount(segments.source, weights=units, minlength=len(sources))
         shares = (sizes / sizes.sum()).tolist()
     return {"weights": shares, "raw": shares, "taken": [0] * len(sources), "running": [None] * len(sources)}
 
@@ -91,11 +89,10 @@ class Steered:
     train.batch_unit=docs a step takes micro_batch x grad_accum documents and packs them best-fit; with
     'rows' it fills that many rows, each draw from the most-behind source whose next document still fits."""
 
-    def __init__(self, segments: list[Segment], n_sources: int, b: Batching, unit: str, seed: int):
-        src = np.array([s.source for s in segments], dtype=np.int64)
-        self.lengths = np.array([len(s.tokens) for s in segments])
-        self.units = np.array([s.n_targets if unit == "tokens" else 1 for s in segments], dtype=np.float64)
-        self.members = [np.flatnonzero(src == k) for k in range(n_sources)]
+    def __init__(self, segments: Segments, n_sources: int, b: Batching, unit: str, seed: int):
+        self.lengths = segments.length
+        self.units = segments.n_targets().astype(np.float64) if unit == "tokens" else np.ones(len(segments))
+        self.members = [np.flatnonzero(segments.source == k) for k in range(n_sources)]
         self.b, self.seed = b, seed
         self._passes: dict[tuple[int, int], np.ndarray] = {}
 
@@ -133,7 +130,7 @@ class Steered:
         if b.unit == "docs" or not b.packing:
             items = np.array([self._take(self._pick(weights, taken, got), taken, got) for _ in range(b.per_step)])
             rows = best_fit_decreasing(self.lengths, items, b.seq_len) if b.packing else [[int(i)] for i in items]
-            return as_step(rows, b)
+            return as_step(rows, b.micro_batch)
         rows: list[list[int]] = [[] for _ in range(b.per_step)]
         room = [(b.seq_len, r) for r in range(b.per_step)]  # sorted (free tokens, row)
         while (k := self._pick(weights, taken, got, lambda n: n <= room[-1][0])) is not None:
@@ -141,7 +138,7 @@ class Steered:
             free, r = room.pop(bisect.bisect_left(room, (int(self.lengths[i]), -1)))  # best fit: the fullest row it fits in
             rows[r].append(i)
             bisect.insort(room, (free - int(self.lengths[i]), r))
-        return as_step([row for row in rows if row], b)
+        return as_step([row for row in rows if row], b.micro_batch)
 
 
 def reweight(mix: MixConfig, sources: list[str], state: dict, nll: np.ndarray, targets: np.ndarray) -> dict:

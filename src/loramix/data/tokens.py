@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,26 +46,65 @@ class Tokens:
         return max(1, self.completion) if loss_on == "completion" else 1
 
 
-def tokenize_documents(docs: list[Document], tokenizer, cache_dir: str, log=print, chat: bool = False) -> list[Tokens]:
+@dataclass(frozen=True, eq=False)
+class TokenTable:
+    """Documents' tokens as arrays over a store: document k (in the order asked for) is the store's document
+    `row[k]`, tokens ids[offsets[row[k]] : offsets[row[k] + 1]]. No Python object per document: indexing
+    builds a `Tokens` of views when one is wanted."""
+
+    ids: np.ndarray  # int32, every document's tokens one after another (memory-mapped from the cache)
+    bytes: np.ndarray  # int32, per token
+    offsets: np.ndarray  # int64, per store document and one past the last
+    completion: np.ndarray  # int64, per store document
+    row: np.ndarray  # int64, per document asked for: its store document
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, k: int) -> Tokens:
+        r = int(self.row[k])
+        a, b = int(self.offsets[r]), int(self.offsets[r + 1])
+        return Tokens(self.ids[a:b], self.bytes[a:b], int(self.completion[r]))
+
+    def __iter__(self) -> Iterator[Tokens]:
+        return (self[k] for k in range(len(self)))
+
+    @property
+    def starts(self) -> np.ndarray:
+        return self.offsets[self.row]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.offsets[self.row + 1] - self.offsets[self.row]
+
+    def first_targets(self, loss_on: str) -> np.ndarray:
+        """`Tokens.first_target` of every document."""
+        return np.maximum(1, self.completion[self.row]) if loss_on == "completion" else np.ones(len(self.row), np.int64)
+
+
+def tokenize_documents(docs: list[Document], tokenizer, cache_dir: str, log=print, chat: bool = False, workers: int = 1) -> TokenTable:
     """Tokens of each document, aligned with `docs`; duplicates share work. With `chat`, documents that
-    have a prompt are formatted through the tokenizer's chat template (user: prompt, assistant: the rest)."""
+    have a prompt are formatted through the tokenizer's chat template (user: prompt, assistant: the rest).
+    `workers` threads tokenize chunks side by side (the Rust tokenizer runs without the GIL)."""
     if tokenizer.eos_token_id is None:
         raise LoramixError("the tokenizer has no EOS token; pick a model whose tokenizer defines one")
-    keys = list(dict.fromkeys((d.source, d.row) for d in docs))
-    doc_of = {(d.source, d.row): d for d in docs}
-    texts = [_as_text(doc_of[k], tokenizer, chat) for k in keys]
+    index: dict[tuple[str, int], int] = {}
+    texts, row = [], np.empty(len(docs), dtype=np.int64)
+    for k, d in enumerate(docs):
+        key = (d.source, d.row)
+        if key not in index:
+            index[key] = len(texts)
+            texts.append(_as_text(d, tokenizer, chat))
+        row[k] = index[key]
     path = Path(cache_dir).expanduser() / "tokens" / _cache_key(tokenizer, texts)
     store = _open_store(path, len(texts), log)
     if store is not None:
         log(f"  tokens: {len(texts)} documents from cache {path.name}")
     else:
-        _write_store(path, texts, tokenizer)
+        _write_store(path, texts, tokenizer, workers)
         store = _open_store(path, len(texts), log, verify=False)  # just written: its checksums were computed from these bytes
         log(f"  tokens: {len(texts)} documents tokenized, {len(store['ids']):,} tokens (cached)")
-    at = store["offsets"]
-    by_key = {k: Tokens(store["ids"][at[i] : at[i + 1]], store["bytes"][at[i] : at[i + 1]], int(store["completion"][i]))
-              for i, k in enumerate(keys)}
-    return [by_key[(d.source, d.row)] for d in docs]
+    return TokenTable(store["ids"], store["bytes"], store["offsets"], store["completion"], row)
 
 
 # The store: ids and bytes as raw int32 files, memory-mapped on open (the corpus stays on disk, and the OS
@@ -73,7 +113,7 @@ _RAW = ("ids", "bytes")
 _SMALL = ("offsets", "completion")
 
 
-def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer) -> None:
+def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer, workers: int) -> None:
     """Tokenize into a store directory a chunk at a time: memory holds one chunk's encodings, never the
     corpus. Written as a temporary sibling renamed into place, so a killed run leaves no torn store."""
     bos = np.asarray(_added_prefix(tokenizer), dtype=np.int32)
@@ -83,7 +123,7 @@ def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer) -> N
         tmp.mkdir()
         crc, offsets, completion, done = dict.fromkeys(_RAW, 0), [np.zeros(1, np.int64)], [], 0
         with (tmp / "ids.bin").open("wb") as f_ids, (tmp / "bytes.bin").open("wb") as f_bytes:
-            for chunk in _encoded(texts, tokenizer, bos):
+            for chunk in _encoded(texts, tokenizer, bos, workers):
                 for name, f in (("ids", f_ids), ("bytes", f_bytes)):
                     raw = chunk[name].tobytes()
                     f.write(raw)
@@ -98,16 +138,17 @@ def _write_store(path: Path, texts: list[tuple[str, int, bool]], tokenizer) -> N
         write_json(tmp / "meta.json", {"version": _VERSION, "docs": len(texts), "tokens": done, "crc32": crc})
 
 
-def _encoded(texts: list[tuple[str, int, bool]], tokenizer, bos: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
-    """`_encode_chunk` of each chunk in order; the tokenizer (Rust, on every core, without the GIL) encodes the
-    next chunk in a thread while this one's arrays are built and written."""
+def _encoded(texts: list[tuple[str, int, bool]], tokenizer, bos: np.ndarray, workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """`_encode_chunk` of each chunk in order. The tokenizer encodes the next `workers` chunks in threads (its
+    Rust code drops the GIL) while this one's arrays are built and written: on 2 cores, 548k tokens/s of
+    preparation with 2 threads against 458k with the tokenizer's own pool and 400k on one thread."""
     bounds = _chunks(texts)
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(_tokenize, texts, *bounds[0], tokenizer) if bounds else None
+    with ThreadPoolExecutor(workers) as pool:
+        ahead = deque(pool.submit(_tokenize, texts, i, j, tokenizer) for i, j in bounds[:workers])
         for k, (i, j) in enumerate(bounds):
-            encodings = ahead.result()
-            if k + 1 < len(bounds):
-                ahead = pool.submit(_tokenize, texts, *bounds[k + 1], tokenizer)
+            encodings = ahead.popleft().result()
+            if k + workers < len(bounds):
+                ahead.append(pool.submit(_tokenize, texts, *bounds[k + workers], tokenizer))
             yield _encode_chunk(texts[i:j], encodings, tokenizer, bos)
 
 
