@@ -94,14 +94,14 @@ def test_weights_scale_training_side_only(tmp_path):
 
 @pytest.mark.unit
 def test_eos_appended_and_tokens_cached(tmp_path, tokenizer):
-    from loramix.data.sources import Document
+    from loramix.data.sources import Document, Documents
 
     docs = [Document("a", 0, "Hello world"), Document("a", 1, "Hi")]
     logs = []
-    first = tokenize_documents(docs, tokenizer, str(tmp_path), logs.append)
+    first = tokenize_documents(Documents.of(docs), tokenizer, str(tmp_path), logs.append)
     assert [t.ids.tolist() for t in first] == [[15496, 995, 50256], [17250, 50256]]
     assert [t.bytes.tolist() for t in first] == [[5, 6, 0], [2, 0]]  # "Hello", " world", EOS
-    second = tokenize_documents(docs, tokenizer, str(tmp_path), logs.append)
+    second = tokenize_documents(Documents.of(docs), tokenizer, str(tmp_path), logs.append)
     assert "from cache" in logs[-1] and [t.ids.tolist() for t in second] == [t.ids.tolist() for t in first]
 
 
@@ -427,14 +427,14 @@ def test_token_store_is_the_same_whatever_the_chunking(tmp_path, tokenizer, monk
     """Bytes per token and completion starts are computed over a chunk's texts joined: chunks of 1, 2 and all
     documents, ASCII and not, give the same store (ids, bytes, completion)."""
     from loramix.data import tokens
-    from loramix.data.sources import Document
+    from loramix.data.sources import Document, Documents
 
     docs = [Document("a", 0, "Hello world"), Document("a", 1, "naïve café, 日本語 and 😀 emoji", 6), Document("a", 2, "x"),
             Document("a", 3, "Question: why?\nAnswer: because", 15), Document("a", 4, "  spaces\n\n\ttabs  ")]
-    reference = tokenize_documents(docs, tokenizer, str(tmp_path / "all"), lambda *a: None)
+    reference = tokenize_documents(Documents.of(docs), tokenizer, str(tmp_path / "all"), lambda *a: None)
     assert sum(int(t.bytes.sum()) for t in reference) == sum(len(d.text.encode()) for d in docs)
     for size, chars in ((1, 1 << 22), (2, 1 << 22), (4096, 8)):
         monkeypatch.setattr(tokens, "_CHUNK", size)
         monkeypatch.setattr(tokens, "_CHUNK_CHARS", chars)
-        got = tokenize_documents(docs, tokenizer, str(tmp_path / f"{size}-{chars}"), lambda *a: None)
+        got = tokenize_documents(Documents.of(docs), tokenizer, str(tmp_path / f"{size}-{chars}"), lambda *a: None)
         assert [(t.ids.tolist(), t.bytes.tolist(), t.completion) for t in got] == [(t.ids.tolist(), t.bytes.tolist(), t.completion) for t in reference]

@@ -339,13 +339,13 @@ def test_seed_preset_still_targets_the_seed_modules(cache_dir, capsys):
 def test_bytes_counted_are_the_texts_bytes(kind, tmp_path):
     """Leading-space marks, byte-fallback pieces of multi-byte characters and special tokens: every
     document's per-token bytes add up to its UTF-8 bytes, whatever the tokenizer."""
-    from loramix.data.sources import Document
+    from loramix.data.sources import Document, Documents
     from loramix.data.tokens import tokenize_documents
 
     tok = load_tokenizer(load_config(None).model) if kind == "gpt2" else hf_tokenizer(kind)
     texts = [*sample_texts(40, seed=3), "  two  spaces\tand tab\n", "日本語のテキスト \U0001F680", f"special {tok.eos_token} inside"]
     docs = [Document("s", i, t) for i, t in enumerate(texts)]
-    tokens = tokenize_documents(docs, tok, str(tmp_path), log=lambda *a: None)
+    tokens = tokenize_documents(Documents.of(docs), tok, str(tmp_path), log=lambda *a: None)
     assert [int(t.bytes.sum()) for t in tokens] == [len(t.encode("utf-8")) for t in texts]
     if kind == "sentencepiece":  # the Llama-style tokenizer adds BOS, which covers no text
         assert all(t.ids[0] == tok.bos_token_id and t.bytes[0] == 0 for t in tokens)
@@ -379,13 +379,13 @@ def test_completion_only_loss_scores_the_answer(tmp_path, cache_dir):
 
 @pytest.mark.unit
 def test_chat_template_formats_prompt_and_completion(tmp_path):
-    from loramix.data.sources import Document
+    from loramix.data.sources import Document, Documents
     from loramix.data.tokens import tokenize_documents
 
     tok = hf_tokenizer("sentencepiece")
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     doc = Document("qa", 0, "What is the capital? Answer: Paris", prompt=len("What is the capital? Answer:"))
-    (tokens,) = tokenize_documents([doc], tok, str(tmp_path), log=lambda *a: None, chat=True)
+    (tokens,) = tokenize_documents(Documents.of([doc]), tok, str(tmp_path), log=lambda *a: None, chat=True)
     text = tok.decode(tokens.ids.tolist())
     assert text.startswith("<|user|>What is the capital? Answer:\n<|assistant|>")
     assert tok.decode(tokens.ids[tokens.first_target("completion") :].tolist()) == "Paris\n</s>"

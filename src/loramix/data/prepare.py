@@ -10,7 +10,7 @@ from loramix.config import DataConfig, SourceConfig
 from loramix.data.mixture import Mixture, manifest_of, split_sources
 from loramix.data.packing import Rows, Segments, make_segments, pack_eval_rows
 from loramix.data.sampling import floor_of, mix_segments
-from loramix.data.sources import Document, load_documents
+from loramix.data.sources import Documents, read_source
 from loramix.data.tokens import tokenize_documents
 
 
@@ -31,7 +31,7 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
         data = _with_local_dir(data, str(ensure_demo_data(data.cache_dir)))
     log("data:")
     sources, entries, train, val = list(data.sources), {}, [], []
-    for split in split_sources(data, log):  # tokenized source by source: the texts of one source in memory at a time
+    for split in split_sources(data, log):  # source by source, each tokenized a chunk of texts at a time
         entries[split.name] = split.manifest
         train.append(_segments(split.train, sources, tokenizer, data, log))
         val.append(_segments(split.val, sources, tokenizer, data, log))
@@ -42,9 +42,9 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
     prepared = Prepared(mixture, train, pack_eval_rows(Segments.concat(val), data.seq_len, data.packing))
     if forgetting_sources:
         prepared.forgetting_sources = list(forgetting_sources)
-        docs = [d for name, spec in forgetting_sources.items() for d in load_documents(name, spec, data, data.cap_for(spec))]
-        log(f"  forgetting sources (never trained on): {', '.join(f'{n} {sum(d.source == n for d in docs)}' for n in forgetting_sources)}")
-        segments = _segments(docs, prepared.forgetting_sources, tokenizer, data, log)
+        docs = [read_source(name, spec, data, data.cap_for(spec)).documents for name, spec in forgetting_sources.items()]
+        log(f"  forgetting sources (never trained on): {', '.join(f'{d.source} {len(d)}' for d in docs)}")
+        segments = Segments.concat([_segments(d, prepared.forgetting_sources, tokenizer, data, log) for d in docs])
         prepared.forgetting_rows = pack_eval_rows(segments, data.seq_len, data.packing)
     return prepared
 
@@ -62,12 +62,10 @@ def _log_mix(mixed: dict, data: DataConfig, log) -> None:
             f"smoothing {mix.smoothing:g}); the weights are logged as 'mix' rows")
 
 
-def _segments(docs: list[Document], sources: list[str], tokenizer, data: DataConfig, log) -> Segments:
-    """Documents -> token segments of at most seq_len, each tagged with its source's index in `sources`."""
+def _segments(docs: Documents, sources: list[str], tokenizer, data: DataConfig, log) -> Segments:
+    """One source's documents -> token segments of at most seq_len, each tagged with the source's index in `sources`."""
     tokens = tokenize_documents(docs, tokenizer, data.cache_dir, log, chat=data.chat_template, workers=data.workers)
-    index = {name: k for k, name in enumerate(sources)}
-    return make_segments(tokens, np.fromiter((index[d.source] for d in docs), dtype=np.int64, count=len(docs)), data.seq_len, data.long_docs,
-                         data.loss_on)
+    return make_segments(tokens, np.full(len(docs), sources.index(docs.source)), data.seq_len, data.long_docs, data.loss_on)
 
 
 def _with_local_dir(data: DataConfig, local_dir: str) -> DataConfig:
