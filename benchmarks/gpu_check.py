@@ -82,7 +82,7 @@ def worker_weights(spec: dict) -> dict:
     from loramix.data.mixture import split_sources
 
     cfg = load_config(ROOT / "configs" / "seed.yaml", seed_overrides({**spec, "weights": [], "max_steps": None}))
-    counts = {split.name: split.manifest["train"] for split in split_sources(cfg.data, log=lambda *a: None)}
+    counts = {split.name: split.manifest.train for split in split_sources(cfg.data, log=lambda *a: None)}
     per_source = round(spec["docs_per_source"] * 0.85)  # the seed's cap, less the 15% held out
     return {"train_docs": counts, "weights": [f"data.sources.{n}.weight={per_source / c:.6f}" for n, c in counts.items()]}
 

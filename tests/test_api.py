@@ -135,7 +135,7 @@ def test_model_card_metadata_names_the_hub_datasets_and_base():
     from loramix.card import model_card
 
     cfg = loramix.load_config(ROOT / "configs" / "seed.yaml")
-    meta = yaml.safe_load(model_card(cfg, {"sources": {}}, None, ["c_attn", "c_proj"]).split("---\n")[1])
+    meta = yaml.safe_load(model_card(cfg, None, None, ["c_attn", "c_proj"]).split("---\n")[1])
     assert meta["base_model"] == "gpt2" and meta["library_name"] == "peft"
     assert meta["datasets"] == sorted(["Salesforce/wikitext", "roneneldan/TinyStories", "fancyzhx/ag_news", "Yelp/yelp_review_full",
                                        "abisee/cnn_dailymail", "EdinburghNLP/xsum", "rajpurkar/squad", "stanfordnlp/imdb"])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from loramix import checkpoint as ckpt
 from loramix.cli import main
 from loramix.config import load_config
 from loramix.errors import LoramixError
+from loramix.records import Fingerprints
 from loramix.training import train
 
 from conftest import CRASHING, ROOT, metric_rows
@@ -153,10 +155,14 @@ def test_checkpoint_of_another_lora_shape_is_refused(reference, cache_dir):
     model = attach_lora(load_base_model(cfg.model, 64), cfg.lora, 0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     path = ckpt.find_resumable(reference, lambda *a: None)
-    fingerprints = json.loads((path / "state.json").read_text())
     with pytest.raises(LoramixError, match=r"lora_A.default.weight is \(8, 32\) there, \(4, 32\) here"):
-        ckpt.load_checkpoint(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                             {"base_fingerprint": fingerprints["base_fingerprint"]})
+        ckpt.load_checkpoint(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), _fingerprints(path))
+
+
+def _fingerprints(checkpoint: Path) -> Fingerprints:
+    """The fingerprints a checkpoint was written with (so loading it gets past that check)."""
+    raw = json.loads((checkpoint / "state.json").read_text())
+    return Fingerprints(raw["base_fingerprint"], raw["config_fingerprint"])
 
 
 class _Evil:
@@ -181,7 +187,7 @@ def test_pickled_code_in_a_checkpoint_is_never_run(reference, cache_dir, tmp_pat
     model = attach_lora(load_base_model(cfg.model, 64), cfg.lora, 0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(LoramixError, match="holds more than tensors and numbers"):
-        ckpt.load_checkpoint(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), {})
+        ckpt.load_checkpoint(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), _fingerprints(path))
 
 
 def _nan_on_steps(monkeypatch, bad):

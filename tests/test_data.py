@@ -70,15 +70,15 @@ def test_stratified_split_and_manifest(tmp_path):
     _write_jsonl(tmp_path / "imdb.jsonl", [{"text": f"film {i}", "label": 0} for i in range(40)])
     cfg = _cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.2"])
     mix = _mixture(cfg.data, log=lambda *a: None)
-    m = mix.manifest["sources"]
-    assert (m["ag_news"]["train"], m["ag_news"]["val"], m["imdb"]["train"], m["imdb"]["val"]) == (80, 20, 32, 8)
-    assert m["imdb"]["revision"] is None and m["imdb"]["origin"] == str(tmp_path / "imdb.jsonl")  # a local file has no revision
+    m = mix.manifest.sources
+    assert (m["ag_news"].train, m["ag_news"].val, m["imdb"].train, m["imdb"].val) == (80, 20, 32, 8)
+    assert m["imdb"].revision is None and m["imdb"].origin == str(tmp_path / "imdb.jsonl")  # a local file has no revision
     assert sum(d.source == "imdb" for d in mix.val) == 8
     assert not {(d.source, d.row) for d in mix.train} & {(d.source, d.row) for d in mix.val}
     again = _mixture(cfg.data, log=lambda *a: None)
     assert again.manifest == mix.manifest
     other = _mixture(_cfg(tmp_path, ["data.sources=[ag_news, imdb]", "data.val_share=0.2", "data.seed=7"]).data, log=lambda *a: None)
-    assert other.manifest["sources"]["imdb"]["val_ids_sha256"] != m["imdb"]["val_ids_sha256"]
+    assert other.manifest.sources["imdb"].val_ids_sha256 != m["imdb"].val_ids_sha256
 
 
 @pytest.mark.unit
@@ -198,8 +198,8 @@ def test_local_dir_that_is_a_file(tmp_path):
 @pytest.mark.unit
 def test_demo_local_dir_generates_data(tmp_path, tokenizer):
     cfg = _cfg(tmp_path, ["data.local_dir=@demo", "data.sources=[imdb, squad]", "data.cap=20", "data.seq_len=64"])
-    manifest = prepare_data(cfg.data, tokenizer, log=lambda *a: None).mixture.manifest["sources"]
-    assert [(m["selected"], m["train"], m["val"]) for m in manifest.values()] == [(20, 17, 3), (20, 17, 3)]
+    manifest = prepare_data(cfg.data, tokenizer, log=lambda *a: None).mixture.manifest.sources
+    assert [(m.selected, m.train, m.val) for m in manifest.values()] == [(20, 17, 3), (20, 17, 3)]
 
 
 @pytest.mark.unit
@@ -261,8 +261,8 @@ def test_hub_source_records_the_revision_it_read(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     cfg = load_config(None, ["data.sources=[ag_news]", "data.sources.ag_news.hub_id=ag_news", "data.cap=10", "data.val_share=0.2"])
     mix = _mixture(cfg.data, log=lambda *a: None)
-    m = mix.manifest["sources"]["ag_news"]
-    assert (m["origin"], m["revision"], m["train"], m["val"]) == ("fancyzhx/ag_news::train", sha, 8, 2)
+    m = mix.manifest.sources["ag_news"]
+    assert (m.origin, m.revision, m.train, m.val) == ("fancyzhx/ag_news::train", sha, 8, 2)
     assert {d.text for d in mix.train + mix.val} <= {f"news {i}" for i in range(20)}
 
 
@@ -310,8 +310,8 @@ def test_proportions_are_met_in_the_actual_batches(cache_dir, unit):
     assert got.sum() == pytest.approx(6000 if unit == "tokens" else 150, rel=0.01)
     for k, name in enumerate(data.mixture.sources):
         assert abs(got[k] / got.sum() - shares[name]) < 0.01
-    mixed = data.mixture.manifest["mix"]["sources"]
-    passes = [m["epochs"] for m in mixed.values()]
+    mixed = data.mixture.manifest.mix.sources
+    passes = [m.epochs for m in mixed.values()]
     assert max(passes) > 1 > min(passes)  # one source short of its share is drawn again, a larger one only in part
 
 
@@ -319,11 +319,11 @@ def test_proportions_are_met_in_the_actual_batches(cache_dir, unit):
 def test_temperature_shares_follow_size_to_the_one_over_t(cache_dir):
     _, natural = _mixed(cache_dir)
     _, tempered = _mixed(cache_dir, "data.mix.strategy=temperature", "data.mix.temperature=2")
-    sizes = np.array([m["tokens"] for m in natural.mixture.manifest["mix"]["sources"].values()], dtype=float)
+    sizes = np.array([m.tokens for m in natural.mixture.manifest.mix.sources.values()], dtype=float)
     expected = sizes ** 0.5 / (sizes ** 0.5).sum()
-    got = [m["share_tokens"] for m in tempered.mixture.manifest["mix"]["sources"].values()]
+    got = [m.share_tokens for m in tempered.mixture.manifest.mix.sources.values()]
     assert np.abs(np.array(got) - expected).max() < 0.01
-    assert abs(sum(m["tokens"] for m in tempered.mixture.manifest["mix"]["sources"].values()) - sizes.sum()) < 0.01 * sizes.sum()  # same budget
+    assert abs(sum(m.tokens for m in tempered.mixture.manifest.mix.sources.values()) - sizes.sum()) < 0.01 * sizes.sum()  # same budget
     assert [len(s.tokens) for s in natural.train] == [len(s.tokens) for s in _mixed(cache_dir, "data.mix.strategy=weights")[1].train]
 
 

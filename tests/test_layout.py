@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loramix"
 # Bottom to top: plain helpers, the stages in data-flow order, then the commands. A module may import
 # only modules of lower layers.
 LAYERS = [
-    ["errors"], ["files"], ["config"], ["runtime"],
+    ["errors"], ["files"], ["records"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.sampling"], ["data.prepare"],
     ["gguf_bases"], ["model"], ["loss"], ["probe"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
     ["training", "export", "generation", "reporting"], ["batching", "serve_api"], ["serve"],

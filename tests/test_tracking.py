@@ -13,6 +13,7 @@ import pytest
 from loramix.cli import main
 from loramix.config import TrackConfig
 from loramix.errors import LoramixError
+from loramix.records import EvalRow, TrainRow
 from loramix.tracking import EventLog, _last_steps, _Sink, check_trackers
 
 from conftest import CRASHING, ROOT
@@ -34,8 +35,12 @@ class _Tracker(_Sink):
         pass
 
 
-def _row(event: str, step: int) -> dict:
-    return {"event": event, "step": step, "loss": 1.0 / step}
+def _row(event: str, step: int) -> TrainRow | EvalRow:
+    """A row whose only number (a tracker gets finite numbers only) is its loss."""
+    nan = float("nan")
+    if event == "train":
+        return TrainRow(step, nan, nan, 1.0 / step, 0, 0, 0, nan, nan, {})
+    return EvalRow(step, nan, 1.0 / step, nan, nan, nan, 0, nan, nan, nan, {})
 
 
 @pytest.mark.unit
@@ -51,7 +56,7 @@ def test_after_a_resume_each_tracker_gets_every_row_once(tmp_path):
             first.write(_row("eval", step))
         if step == 2:
             checkpoint_at = first.size()
-    del lossy[lossy.index(("train/loss", 4)):]
+    del lossy[lossy.index(("train/train_loss", 4)):]
     resumed = EventLog(tmp_path)
     resumed.sinks = [_Tracker(kept), _Tracker(lossy)]
     resumed.rewind(checkpoint_at)
@@ -62,7 +67,8 @@ def test_after_a_resume_each_tracker_gets_every_row_once(tmp_path):
     rows = [(r["event"], r["step"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
     assert rows == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4), ("train", 5), ("train", 6),
                     ("eval", 6), ("train", 7)]
-    expected = sorted((f"{event}/loss", step) for event, step in rows)
+    expected = sorted((f"{event}/{event.replace('eval', 'val')}_loss", step) for event, step in rows)
+    kept, lossy = [(k, s) for k, s in kept if k.endswith("loss")], [(k, s) for k, s in lossy if k.endswith("loss")]
     assert sorted(kept) == expected and sorted(lossy) == expected
 
 

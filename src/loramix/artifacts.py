@@ -22,17 +22,13 @@ Kinds of directory:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from safetensors import SafetensorError, safe_open
 
 from loramix import checkpoint as ckpt
@@ -43,6 +39,7 @@ from loramix.evaluation import EvalResult
 from loramix.files import read_json, replacing, write_atomic, write_json
 from loramix.model import base_fingerprint, check_vocabulary, load_adapter, load_base_model, load_tokenizer
 from loramix.probe import Verdict, probe, settle_packing
+from loramix.records import Manifest, RunStatus, read_manifest, read_status
 from loramix.tracking import read_metrics
 
 RUN, ADAPTER, MODEL, GGUF = "run", "adapter", "model", "gguf"
@@ -98,43 +95,6 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
         raise LoramixError(f"{path} is not the config this run was trained with ({why}: damaged or edited); restore it from a copy, "
                            "or train into a new --run-dir")
     return load_config(path, overrides) if overrides else saved
-
-
-@pydantic_dataclass
-class RunStatus:
-    """run.json: where a run stands and what it was made from. Written by `train` at each change of status;
-    read (and validated) by every command that opens the run."""
-
-    status: Literal["running", "finished", "interrupted", "failed"] | None = None  # None: no run.json yet
-    base_fingerprint: str | None = None  # of the base weights (`model.base_fingerprint`)
-    config_fingerprint: str | None = None  # `Config.fingerprint(world_size)` of the config as asked
-    device: str | None = None
-    precision: str | None = None
-    world_size: int = 1
-    plan: dict = dataclasses.field(default_factory=dict)  # training.Plan's fields
-    probe: dict = dataclasses.field(default_factory=dict)  # probe.Verdict.record()
-    environment: dict = dataclasses.field(default_factory=dict)  # versions and hardware
-    error: str | None = None  # a failed run's exception
-    best_checkpoint: dict | None = None  # {name, val_loss} of a finished run
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-def read_status(run_dir: Path) -> RunStatus:
-    """run.json (all defaults before the run wrote one).
-
-    Raises:
-        LoramixError: it does not parse or does not hold a run's status.
-    """
-    path = Path(run_dir) / "run.json"
-    fix = "restore it from a copy, or delete it (eval, merge and serve then skip checking the base against the one the run trained on)"
-    if not path.is_file():
-        return RunStatus()
-    try:
-        return TypeAdapter(RunStatus).validate_python(read_json(path, fix))
-    except ValidationError as e:
-        raise LoramixError(f"{path} is damaged ({e.error_count()} field(s) wrong, first: {'.'.join(map(str, e.errors()[0]['loc']))}); {fix}") from None
 
 
 def adapter_path(source: Path) -> Path:
@@ -286,7 +246,7 @@ class Run:
     name: str
     path: Path
     config: Config
-    manifest: dict
+    manifest: Manifest | None
     status: RunStatus
     metrics: list[dict]
     eval: EvalResult | None
@@ -296,10 +256,8 @@ def load_run(path: Path) -> Run:
     path = Path(path)
     if kind_of(path) != RUN or not (path / "metrics.jsonl").is_file():
         raise LoramixError(f"{path} is not a loramix run dir with metrics (config.yaml, metrics.jsonl); pass the --run-dir of a `loramix train` run")
-    manifest = path / "manifest.json"
     result = path / "eval.json"
-    return Run(name=path.name, path=path, config=load_run_config(path),
-               manifest=read_json(manifest) if manifest.is_file() else {"sources": {}}, status=read_status(path), metrics=read_metrics(path),
+    return Run(name=path.name, path=path, config=load_run_config(path), manifest=read_manifest(path), status=read_status(path), metrics=read_metrics(path),
                eval=EvalResult.from_dict(read_json(result, _rewrite(path))) if result.is_file() else None)
 
 
@@ -332,10 +290,6 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
 
 def save_config(run_dir: Path, cfg: Config) -> None:
     write_atomic(Path(run_dir) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
-
-
-def write_status(run_dir: Path, status: RunStatus) -> None:
-    write_json(Path(run_dir) / "run.json", status.to_dict())
 
 
 def save_adapter(model, run_dir: Path, card: str, initial: Path | None = None) -> Path:

@@ -15,6 +15,7 @@ import yaml
 from loramix.config import Config
 from loramix.data.sources import source_path
 from loramix.evaluation import METRIC_COLUMNS, EvalResult, metric_rows
+from loramix.records import Manifest
 
 _LICENSE = "# license: set the license your base model and data allow (e.g. mit, apache-2.0, other)"
 
@@ -24,7 +25,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def model_card(cfg: Config, manifest: dict, result: EvalResult | None, targets: list[str], trainable: int | None = None,
+def model_card(cfg: Config, manifest: Manifest | None, result: EvalResult | None, targets: list[str], trainable: int | None = None,
                merged: bool = False) -> str:
     """README.md of a run's adapter dir, or with `merged` of the model dir `loramix merge` made from it;
     `targets` are the modules adapted (what lora.targets=auto resolved to)."""
@@ -90,14 +91,14 @@ def _training(cfg: Config, result: EvalResult | None, targets: list[str], traina
     ])
 
 
-def _data_table(cfg: Config, manifest: dict) -> str:
+def _data_table(cfg: Config, manifest: Manifest | None) -> str:
     rows = []
     for name, spec in cfg.data.sources.items():
-        m = manifest.get("sources", {}).get(name, {})
+        m = manifest.sources.get(name) if manifest else None
         path = source_path(name, spec, cfg.data)
         hub = f"[{spec.hub_id}](https://huggingface.co/datasets/{spec.hub_id})" + (f" ({spec.subset})" if spec.subset else "")
         dataset = f"local file {path.name}" if path else hub
-        rows.append([name, dataset, m.get("revision") or "n/a", str(m.get("train", "?")), str(m.get("val", "?")), str(spec.weight)])
+        rows.append([name, dataset, (m and m.revision) or "n/a", str(m.train) if m else "?", str(m.val) if m else "?", str(spec.weight)])
     return markdown_table(["source", "dataset", "revision", "train", "validation", "weight"], rows)
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from loramix.errors import LoramixError
 from loramix.files import replacing, stale_siblings
+from loramix.records import Fingerprints
 
 _FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 
@@ -64,7 +65,7 @@ def local_rng_state() -> dict[str, torch.Tensor]:
     return states
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, fingerprints: dict, keep: int,
+def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, fingerprints: Fingerprints, keep: int,
                     rng_states: list[dict[str, torch.Tensor]]) -> Path:
     """Write step `state.step` atomically, then prune to the newest `keep` plus the best by val loss.
 
@@ -83,7 +84,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scaler, 
             save_file(trainable, tmp / "trainable.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({f"{k}_{rank}": v for rank, st in enumerate(rng_states) for k, v in st.items()}, tmp / "rng.safetensors")
-            extra = {"scaler": scaler.state_dict(), "python_rng": _py_rng(), "numpy_rng": _np_rng(), "world_size": len(rng_states), **fingerprints}
+            extra = {"scaler": scaler.state_dict(), "python_rng": _py_rng(), "numpy_rng": _np_rng(), "world_size": len(rng_states), **fingerprints.to_dict()}
             (tmp / "state.json").write_text(json.dumps({**asdict(state), **extra}, indent=1))
             (tmp / "checksums.json").write_text(json.dumps({f: _sha256(tmp / f) for f in _FILES}, indent=1))
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
@@ -150,7 +151,7 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: dict, rank: int = 0, world: int = 1, log=print) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: Fingerprints, rank: int = 0, world: int = 1, log=print) -> TrainState:
     """Restore weights, optimizer, scaler and every RNG from a verified checkpoint.
 
     With the process count it was written with, each process gets its own generator state back (an exact
@@ -161,7 +162,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprints: dict, ra
         LoramixError: a checkpoint of another base model or LoRA shape, naming the difference.
     """
     raw = json.loads((path / "state.json").read_text())
-    for key, value in fingerprints.items():
+    for key, value in fingerprints.to_dict().items():
         if raw.get(key) != value:
             what = "base model weights" if key == "base_fingerprint" else "config"
             raise LoramixError(f"checkpoint {path} was made with different {what} ({key} {raw.get(key)} != {value}); resume with the run's own config and "

@@ -61,12 +61,12 @@ def mixture_weights(run: Run) -> dict[str, list[tuple[int, float]]]:
     moves = [r for r in run.metrics if r["event"] == "mix"]
     if moves:
         return {name: [(r["step"], r["weights"][name]) for r in moves] for name in moves[0]["weights"]}
-    mix = run.manifest.get("mix")
+    mix = run.manifest and run.manifest.mix
     last = max((r["step"] for r in run.metrics), default=0)
     if not mix or not last:
         return {}
-    key = "share_docs" if mix.get("unit") == "docs" and mix.get("strategy") != "weights" else "share_tokens"
-    return {name: [(0, m[key]), (last, m[key])] for name, m in mix["sources"].items()}
+    key = "share_docs" if mix.unit == "docs" and mix.strategy != "weights" else "share_tokens"
+    return {name: [(0, getattr(m, key)), (last, getattr(m, key))] for name, m in mix.sources.items()}
 
 
 def plot_sources(run: Run, path: Path) -> Path:
@@ -156,7 +156,7 @@ def _run_blocks(run: Run, several: bool) -> list[tuple]:
                      f"x {run.status.world_size} process(es) in {t.batch_unit}; sequence length {d.seq_len}, "
                      f"packing {_packing(run)}; {len(d.sources)} sources, cap {d.cap}, {d.val_share:.0%} held out."))
     out.append(("table", ["source", "train", "validation", "weight"],
-                [[n, str(s["train"]), str(s["val"]), str(s["weight"])] for n, s in run.manifest["sources"].items()]))
+                [[n, str(s.train), str(s.val), str(s.weight)] for n, s in (run.manifest.sources if run.manifest else {}).items()]))
     e = run.eval
     if e:
         out.append(("table", METRIC_COLUMNS, metric_rows(e)))

@@ -28,6 +28,7 @@ from loramix.config import TrackConfig, flatten
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult
 from loramix.files import read_json, write_json
+from loramix.records import MetricsRow, row_dict
 
 TRACKERS_FILE = "trackers.json"
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # config key under track. -> module
@@ -43,12 +44,13 @@ class EventLog:
         self.enabled = enabled  # False: a torchrun process other than rank 0
         self.sinks = _open_sinks(Path(run_dir), track, run_name, config or {}) if enabled and track is not None else []
 
-    def write(self, row: dict) -> None:
+    def write(self, row: MetricsRow) -> None:
         if not self.enabled:
             return
+        line = row_dict(row)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-        self._forward(row)
+            fh.write(json.dumps(line) + "\n")
+        self._forward(line)
 
     def _forward(self, row: dict) -> None:
         scalars = _scalars({k: v for k, v in row.items() if k not in ("event", "step")}, f"{row['event']}/")

@@ -28,9 +28,9 @@ from loramix.data.prepare import Prepared
 from loramix.data.sampling import Steered, reweight, start_state
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult, Scorer, forgetting_check, format_table
-from loramix.files import read_json, write_json
 from loramix.loss import token_nll
 from loramix.model import attach_lora, compile_body, count_parameters
+from loramix.records import EvalRow, Fingerprints, MixRow, RunStatus, TrainRow, read_manifest, read_status, write_manifest, write_status
 from loramix.runtime import Dist, Interrupted, StopOnSignal, autocast_for, init_distributed, progress_bars, resolve_device, resolve_precision
 from loramix.tracking import EventLog, check_trackers, read_metrics
 
@@ -169,7 +169,7 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
     check_trackers(cfg.track)
     inputs = artifacts.load_inputs(cfg, lambda base: attach_lora(base, cfg.lora, cfg.train.seed), device, log)
     asked, cfg, tokenizer, data, model = cfg, inputs.cfg, inputs.tokenizer, inputs.data, inputs.model
-    fingerprints = {"base_fingerprint": inputs.base_fingerprint, "config_fingerprint": asked.fingerprint(dist.world)}
+    fingerprints = Fingerprints(inputs.base_fingerprint, asked.fingerprint(dist.world))
     plan, schedule = make_plan(cfg, data, model, dist.world)
     log(plan.describe(cfg))
     log(inputs.verdict.describe())
@@ -178,12 +178,12 @@ def train(cfg: Config, run_dir: Path | None, dry_run: bool = False, overwrite: b
         return TrainResult(model, plan, None, None)
 
     resume_from = _open_run_dir(run_dir, asked, data, overwrite, dist, log)  # the run dir keeps the config as asked
-    status = artifacts.RunStatus(device=str(device), precision=precision, world_size=dist.world, plan=vars(plan), probe=inputs.verdict.record(),
-                                 environment=artifacts.environment(), **fingerprints)
+    status = RunStatus(device=str(device), precision=precision, world_size=dist.world, plan=vars(plan), probe=inputs.verdict.record(),
+                       environment=artifacts.environment(), base_fingerprint=fingerprints.base, config_fingerprint=fingerprints.config)
 
     def record(**fields) -> None:
         if dist.main:
-            artifacts.write_status(run_dir, replace(status, **fields))
+            write_status(run_dir, replace(status, **fields))
 
     record(status="running")
     # PiSSA and OLoRA move part of the base into the adapter: keep its initial state to convert back.
@@ -224,7 +224,7 @@ class Loop:
     device: torch.device
     autocast: Callable
     run_dir: Path
-    fingerprints: dict
+    fingerprints: Fingerprints
     dist: Dist
     log: Callable
     params: list[torch.nn.Parameter]
@@ -242,7 +242,7 @@ class Loop:
 
     @classmethod
     def start(cls, cfg: Config, model, tokenizer, data: Prepared, plan: Plan, device, precision: str, run_dir: Path,
-              fingerprints: dict, dist: Dist, log, progress: bool) -> Loop:
+              fingerprints: Fingerprints, dist: Dist, log, progress: bool) -> Loop:
         torch.manual_seed(cfg.train.seed + dist.rank)  # dropout stream, one per process
         model.to(device).train()
         if compile_body(model, cfg.train.compile, device):
@@ -300,13 +300,13 @@ def _open_run_dir(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, d
 
 def _resume_point(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, world: int, log) -> Path | None:
     if cfg.train.resume == "auto" and artifacts.kind_of(run_dir) == artifacts.RUN:
-        saved_world = artifacts.read_status(run_dir).world_size
+        saved_world = read_status(run_dir).world_size
         diff = config_diff(artifacts.load_run_config(run_dir), cfg, saved_world, world)
         if diff:
             raise LoramixError(f"cannot resume {run_dir}: the config differs ({'; '.join(diff)}); resume with the run's own config "
                                "(with another process count, keep micro_batch x grad_accum x processes) or pick another --run-dir")
-        saved = read_json(run_dir / "manifest.json")
-        changed = [n for n, m in data.mixture.manifest["sources"].items() if saved["sources"].get(n) != m]
+        saved = read_manifest(run_dir)
+        changed = [n for n, m in data.mixture.manifest.sources.items() if saved is None or saved.sources.get(n) != m]
         if changed:
             raise LoramixError(f"cannot resume {run_dir}: the data of {', '.join(changed)} changed since the run started; restore it or start a new run")
         found = ckpt.find_resumable(run_dir, log)
@@ -315,7 +315,7 @@ def _resume_point(run_dir: Path, cfg: Config, data: Prepared, overwrite: bool, w
         log(f"no valid checkpoint in {run_dir}: starting it from the beginning")
     artifacts.prepare_run_dir(run_dir, overwrite or cfg.train.resume == "auto")
     artifacts.save_config(run_dir, cfg)
-    write_json(run_dir / "manifest.json", data.mixture.manifest)
+    write_manifest(run_dir, data.mixture.manifest)
     return None
 
 
@@ -439,8 +439,7 @@ def _reweight(loop: Loop, taken: list[int]) -> None:
 def _log_mix(loop: Loop) -> None:
     """A 'mix' row: the weights the next steps are drawn with, and each source's running training loss."""
     mix, sources = loop.state.mix, loop.data.mixture.sources
-    loop.metrics.write({"event": "mix", "step": loop.state.step, "weights": dict(zip(sources, mix["weights"])),
-                        "loss": {n: r for n, r in zip(sources, mix["running"]) if r is not None}})
+    loop.metrics.write(MixRow(loop.state.step, dict(zip(sources, mix["weights"])), {n: r for n, r in zip(sources, mix["running"]) if r is not None}))
 
 
 def _log_train(loop: Loop, epoch: int, lr: float, bar: Progress) -> None:
@@ -449,9 +448,9 @@ def _log_train(loop: Loop, epoch: int, lr: float, bar: Progress) -> None:
     nll, targets = loop.dist.all_sum(loop.log_by_source.clone()).tolist()
     per_source = {name: {"train_loss": n / t, "tokens": int(t)} for name, n, t in zip(loop.data.mixture.sources, nll, targets) if t}
     tokens_per_s = state.tokens_seen / max(loop.clock(), 1e-9)
-    loop.metrics.write({"event": "train", "step": state.step, "epoch": state.step / loop.plan.steps_per_epoch, "lr": lr,
-                        "train_loss": loss, "docs": state.docs_seen, "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps,
-                        "elapsed_s": loop.clock(), "tokens_per_s": tokens_per_s, "per_source": per_source})
+    loop.metrics.write(TrainRow(step=state.step, epoch=state.step / loop.plan.steps_per_epoch, lr=lr, train_loss=loss, docs=state.docs_seen,
+                                tokens=state.tokens_seen, skipped_steps=state.skipped_steps, elapsed_s=loop.clock(), tokens_per_s=tokens_per_s,
+                                per_source=per_source))
     bar.update(state.step, loss, lr, epoch, tokens_per_s, loop.log)
     loop.log_nll.zero_()
     loop.log_by_source.zero_()
@@ -464,11 +463,10 @@ def _validate(loop: Loop) -> EvalResult:
     result = loop.score(loop.data.val_rows, loop.data.mixture.sources)
     state.eval_batch = result.batch_size  # what fitted: later evaluations need not search again
     state.val_loss = o_loss = result.overall.loss
-    loop.metrics.write({"event": "eval", "step": state.step, "epoch": state.step / loop.plan.steps_per_epoch, "val_loss": o_loss,
-                        "val_ppl": result.overall.ppl, "val_bpt": result.overall.bpt, "val_bpb": result.overall.bpb,
-                        "tokens": state.tokens_seen, "elapsed_s": loop.clock(), "samples_per_s": result.samples_per_s,
-                        "eval_tokens_per_s": result.tokens_per_s,
-                        "per_source": {n: {"val_loss": m.loss, "val_ppl": m.ppl, "val_bpb": m.bpb} for n, m in result.per_source.items()}})
+    loop.metrics.write(EvalRow(step=state.step, epoch=state.step / loop.plan.steps_per_epoch, val_loss=o_loss, val_ppl=result.overall.ppl,
+                               val_bpt=result.overall.bpt, val_bpb=result.overall.bpb, tokens=state.tokens_seen, elapsed_s=loop.clock(),
+                               samples_per_s=result.samples_per_s, eval_tokens_per_s=result.tokens_per_s,
+                               per_source={n: {"val_loss": m.loss, "val_ppl": m.ppl, "val_bpb": m.bpb} for n, m in result.per_source.items()}))
     loop.log(f"step {state.step}: val loss {o_loss:.4f}, ppl {result.overall.ppl:.2f}")
     return result
 

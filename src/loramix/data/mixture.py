@@ -14,12 +14,13 @@ import numpy as np
 from loramix.config import DataConfig
 from loramix.data.sources import Documents, JsonListDigest, read_source, source_path
 from loramix.errors import LoramixError
+from loramix.records import Manifest, MixEntry, SourceEntry
 
 
 @dataclass
 class Mixture:
     sources: list[str]  # a document's source id is its index here
-    manifest: dict
+    manifest: Manifest
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SourceSplit:
     name: str
     train: Documents
     val: Documents
-    manifest: dict
+    manifest: SourceEntry
 
 
 def split_sources(data: DataConfig, log=print) -> Iterator[SourceSplit]:
@@ -47,27 +48,17 @@ def split_sources(data: DataConfig, log=print) -> Iterator[SourceSplit]:
         src_val, src_train = docs.take(slice(0, n_val)), docs.take(slice(n_val, None))
         weighted = _apply_weight(src_train, spec.weight, np.random.default_rng([data.seed, index, 1]))
         path = source_path(name, spec, data)
-        entry = {
-            "origin": str(path) if path else f"{spec.hub_id}:{spec.subset or ''}:{spec.split}",
-            "revision": read.revision,
-            "template": spec.template,
-            "cap": cap,
-            "selected": len(docs),
-            "train": len(src_train),
-            "val": len(src_val),
-            "weight": spec.weight,
-            "train_weighted": len(weighted),
-            "train_ids_sha256": _hash(src_train.rows.tolist()),
-            "val_ids_sha256": _hash(src_val.rows.tolist()),
-            "text_sha256": read.text_sha256,
-        }
-        log(f"  {name:<18} train {len(src_train):>6}  val {len(src_val):>5}  (from {entry['origin']})")
+        entry = SourceEntry(origin=str(path) if path else f"{spec.hub_id}:{spec.subset or ''}:{spec.split}", revision=read.revision,
+                            template=spec.template, cap=cap, selected=len(docs), train=len(src_train), val=len(src_val), weight=spec.weight,
+                            train_weighted=len(weighted), train_ids_sha256=_hash(src_train.rows.tolist()),
+                            val_ids_sha256=_hash(src_val.rows.tolist()), text_sha256=read.text_sha256)
+        log(f"  {name:<18} train {len(src_train):>6}  val {len(src_val):>5}  (from {entry.origin})")
         yield SourceSplit(name, weighted, src_val, entry)
 
 
-def manifest_of(data: DataConfig, entries: dict[str, dict]) -> dict:
-    """The mixture's manifest: the split's seed and share, and each source's entry."""
-    return {"seed": data.seed, "val_share": data.val_share, "sources": entries}
+def manifest_of(data: DataConfig, entries: dict[str, SourceEntry], mix: MixEntry | None = None) -> Manifest:
+    """The mixture's manifest: the split's seed and share, each source's entry and what the mix gave it."""
+    return Manifest(seed=data.seed, val_share=data.val_share, sources=entries, mix=mix)
 
 
 def _apply_weight(docs: Documents, weight: float, rng: np.random.Generator) -> Documents:

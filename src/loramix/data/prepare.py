@@ -12,6 +12,7 @@ from loramix.data.packing import Rows, Segments, make_segments, pack_eval_rows
 from loramix.data.sampling import floor_of, mix_segments
 from loramix.data.sources import Documents, read_source
 from loramix.data.tokens import tokenize_documents
+from loramix.records import MixEntry, SourceMix
 
 
 @dataclass
@@ -35,9 +36,8 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
         entries[split.name] = split.manifest
         train.append(_segments(split.train, sources, tokenizer, data, log))
         val.append(_segments(split.val, sources, tokenizer, data, log))
-    mixture = Mixture(sources, manifest_of(data, entries))
     train, mixed = mix_segments(Segments.concat(train), sources, data.mix, data.seed)
-    mixture.manifest["mix"] = {"strategy": data.mix.strategy, "unit": data.mix.unit, "sources": mixed}
+    mixture = Mixture(sources, manifest_of(data, entries, MixEntry(data.mix.strategy, data.mix.unit, mixed)))
     _log_mix(mixed, data, log)
     prepared = Prepared(mixture, train, pack_eval_rows(Segments.concat(val), data.seq_len, data.packing))
     if forgetting_sources:
@@ -49,13 +49,13 @@ def prepare_data(data: DataConfig, tokenizer, log=print, forgetting_sources: dic
     return prepared
 
 
-def _log_mix(mixed: dict, data: DataConfig, log) -> None:
+def _log_mix(mixed: dict[str, SourceMix], data: DataConfig, log) -> None:
     """Each source's share of the epoch's documents and target tokens, and how many passes over it that is."""
     mix = data.mix
     log(f"  mix ({mix.strategy}" + (f", by {mix.unit}" if mix.strategy != "weights" else "") + "): share of documents / tokens, passes"
         + (" of the pool" if mix.strategy == "adaptive" else ""))
     for name, m in mixed.items():
-        log(f"  {name:<18} {100 * m['share_docs']:>5.1f}% / {100 * m['share_tokens']:>5.1f}%  x{m['epochs']:.2f}  ({m['docs']:,} docs, {m['tokens']:,} tokens)")
+        log(f"  {name:<18} {100 * m.share_docs:>5.1f}% / {100 * m.share_tokens:>5.1f}%  x{m.epochs:.2f}  ({m.docs:,} docs, {m.tokens:,} tokens)")
     if mix.strategy == "adaptive":
         start = "data.mix.proportions" if mix.proportions else "these shares"
         log(f"  adaptive: from {start}, every {mix.every} steps toward {', '.join(mix.objective)} (step {mix.step:g}, floor {floor_of(mix, len(mixed)):.3g}, "

@@ -24,9 +24,10 @@ import numpy as np
 
 from loramix.config import MixConfig
 from loramix.data.packing import Batching, Segments, Step, as_step, best_fit_decreasing
+from loramix.records import SourceMix
 
 
-def mix_segments(segments: Segments, sources: list[str], mix: MixConfig, seed: int) -> tuple[Segments, dict]:
+def mix_segments(segments: Segments, sources: list[str], mix: MixConfig, seed: int) -> tuple[Segments, dict[str, SourceMix]]:
     """The epoch's training segments under `mix`, and per source what it got: documents, target tokens,
     their shares and the passes over the source's own segments ('epochs')."""
     src, tokens = segments.source, segments.n_targets().astype(np.float64)
@@ -59,14 +60,14 @@ def _draw(members: np.ndarray, units: np.ndarray, want: float, rng: np.random.Ge
     return out
 
 
-def _report(picked: np.ndarray, src: np.ndarray, tokens: np.ndarray, units: np.ndarray, sources: list[str]) -> dict:
+def _report(picked: np.ndarray, src: np.ndarray, tokens: np.ndarray, units: np.ndarray, sources: list[str]) -> dict[str, SourceMix]:
     """Per source: what it got, and its passes over its own segments counted in the mix's unit."""
     docs = np.bincount(src[picked], minlength=len(sources)) if len(picked) else np.zeros(len(sources), dtype=np.int64)
     toks = np.bincount(src[picked], weights=tokens[picked], minlength=len(sources)) if len(picked) else np.zeros(len(sources))
     got = np.bincount(src[picked], weights=units[picked], minlength=len(sources)) if len(picked) else np.zeros(len(sources))
     own = np.bincount(src, weights=units, minlength=len(sources))
-    return {name: {"docs": int(docs[k]), "tokens": int(toks[k]), "share_docs": float(docs[k] / max(docs.sum(), 1)),
-                   "share_tokens": float(toks[k] / max(toks.sum(), 1)), "epochs": float(got[k] / own[k]) if own[k] else 0.0}
+    return {name: SourceMix(docs=int(docs[k]), tokens=int(toks[k]), share_docs=float(docs[k] / max(docs.sum(), 1)),
+                            share_tokens=float(toks[k] / max(toks.sum(), 1)), epochs=float(got[k] / own[k]) if own[k] else 0.0)
             for k, name in enumerate(sources)}
 
 
