@@ -7,8 +7,9 @@ Documents in the eight datasets' schemas, made from the real samples in ../share
 folder at run time, never into the project): every row is used over and over with a distinct number in its text
 field, so no two documents are equal and the token cache cannot share work. Each size runs
 `loramix train -c configs/seed.yaml model.init=random data.local_dir=DIR data.cap=N/8 --dry-run` in a fresh
-process with a fresh cache (so it tokenizes everything) and reports wall time, tokens prepared, tokens/s and the
-process's peak RSS; then again with the cache warm. Writes JSON and replaces the `data-scale` section of
+process with a fresh cache (so it tokenizes everything) and reports wall time, tokens prepared, tokens/s, the
+process's peak RSS and its peak anonymous memory (RSS less the pages of memory-mapped files); then again with the
+cache warm. Writes JSON and replaces the `data-scale` section of
 benchmarks/RESULTS.md.
 """
 
@@ -45,8 +46,7 @@ def make_corpus(real: Path, per_source: int, out: Path) -> None:
 
 def measure(data: Path, cache: Path, per_source: int) -> dict:
     """One `--dry-run` in its own process: wall seconds, the plan's token count, peak RSS."""
-    cmd = [sys.executable, "-c", "import resource, sys; from loramix.cli import main; rc = main(sys.argv[1:]); "
-           "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
+    cmd = [sys.executable, "-c", _WATCHED,
            "train", "-c", str(ROOT / "configs" / "seed.yaml"), "model.init=random", f"data.local_dir={data}", f"data.cap={per_source}",
            f"data.cache_dir={cache}", "--dry-run"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -56,9 +56,29 @@ def measure(data: Path, cache: Path, per_source: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     out = proc.stdout
-    peak_mb = int(out.split("PEAK_KB")[1].split()[0]) / 1024
+    peak_mb, anon_mb = (int(out.split(key)[1].split()[0]) / 1024 for key in ("PEAK_KB", "PEAK_ANON_KB"))
     tokens = sum(int(line.split("tokenized, ")[1].split(" tokens")[0].replace(",", "")) for line in out.splitlines() if "tokenized, " in line)
-    return {"wall_s": wall, "peak_mb": peak_mb, "tokens": tokens, "tokens_per_s": tokens / wall if tokens else None}
+    return {"wall_s": wall, "peak_mb": peak_mb, "peak_anon_mb": anon_mb, "tokens": tokens, "tokens_per_s": tokens / wall if tokens else None}
+
+
+# The command in a process that reports its peak RSS (ru_maxrss) and its peak anonymous memory, sampled every
+# 20 ms: RSS also counts the pages of the memory-mapped files it read (datasets' Arrow cache of the source being
+# read), which the kernel can drop at any time; anonymous memory is what the process itself holds.
+_WATCHED = """
+import resource, sys, threading, time
+from loramix.cli import main
+anon = [0]
+def watch():
+    while True:
+        for line in open('/proc/self/status'):
+            if line.startswith('RssAnon:'):
+                anon[0] = max(anon[0], int(line.split()[1]))
+        time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
+rc = main(sys.argv[1:])
+print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'PEAK_ANON_KB', anon[0])
+sys.exit(rc)
+"""
 
 
 def main() -> None:
@@ -82,10 +102,13 @@ def main() -> None:
         row = {"docs": per_source * len(SOURCES), "cold": cold, "warm": warm}
         results.append(row)
         print(f"{row['docs']:>9,} docs: cold {cold['wall_s']:7.1f} s, {cold['tokens']:>12,} tokens, {cold['tokens_per_s'] or 0:>9,.0f} tokens/s, "
-              f"peak {cold['peak_mb']:7,.0f} MB; warm {warm['wall_s']:6.1f} s, peak {warm['peak_mb']:7,.0f} MB", flush=True)
-    lines = ["| documents | tokens | cold: wall (s) | tokens/s | peak MB | warm cache: wall (s) | peak MB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+              f"peak {cold['peak_mb']:7,.0f} MB ({cold['peak_anon_mb']:,.0f} anonymous); warm {warm['wall_s']:6.1f} s, peak {warm['peak_mb']:7,.0f} MB",
+              flush=True)
+    lines = ["| documents | tokens | cold: wall (s) | tokens/s | peak RSS MB | peak anonymous MB | warm cache: wall (s) | peak RSS MB | peak anonymous MB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['docs']:,} | {r['cold']['tokens']:,} | {r['cold']['wall_s']:.1f} | {r['cold']['tokens_per_s'] or 0:,.0f} | {r['cold']['peak_mb']:,.0f} "
-              f"| {r['warm']['wall_s']:.1f} | {r['warm']['peak_mb']:,.0f} |" for r in results]
+              f"| {r['cold']['peak_anon_mb']:,.0f} | {r['warm']['wall_s']:.1f} | {r['warm']['peak_mb']:,.0f} | {r['warm']['peak_anon_mb']:,.0f} |"
+              for r in results]
     text = "\n".join(lines)
     print(text)
     env = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "load_1min_end": os.getloadavg()[0]}

@@ -106,6 +106,19 @@ def test_eos_appended_and_tokens_cached(tmp_path, tokenizer):
 
 
 @pytest.mark.unit
+def test_a_repeated_document_is_tokenized_once(tmp_path, tokenizer):
+    """A source's weight repeats documents: the store holds each once, in first-seen order, and every
+    repeat reads its own tokens."""
+    from loramix.data.sources import Document, Documents
+
+    docs = Documents.of([Document("a", 0, "Hello world"), Document("a", 1, "Hi")]).take(np.array([1, 0, 1, 1, 0]))
+    table = tokenize_documents(docs, tokenizer, str(tmp_path), lambda *a: None)
+    assert table.offsets.tolist() == [0, 2, 5]  # "Hi" EOS, then "Hello world" EOS
+    hi, hello = [17250, 50256], [15496, 995, 50256]
+    assert [t.ids.tolist() for t in table] == [hi, hello, hi, hi, hello]
+
+
+@pytest.mark.unit
 def test_targets_keep_eos_and_skip_padding():
     eos = 50256
     rows = [[Segment(0, np.array([5, 6, 7, eos], np.int32))], [Segment(1, np.array([8, eos], np.int32))]]

@@ -63,6 +63,16 @@ def _docs(lengths, seed=0):
     return [Segment(k % 3, rng.integers(0, 50000, n).astype(np.int32)) for k, n in enumerate(lengths)]
 
 
+@pytest.mark.unit
+def test_packed_rows_slice_as_lists_do():
+    """Evaluation takes every world-th row and then batches of them: `Rows` slices as the list of its rows would."""
+    rows = pack_eval_rows(Segments.of(_docs([20, 3, 57, 11, 8, 30, 2, 44, 64, 1, 9])), 64, packing=True)
+    listed = [[s.tokens.tolist() for s in row] for row in rows]
+    assert len(listed) == len(rows) < 11 and sum(map(len, listed)) == rows.n_segments == 11
+    for part in (slice(1, None, 2), slice(0, 3), slice(None, None, 3), slice(5, 2)):
+        assert [[s.tokens.tolist() for s in row] for row in rows[part]] == listed[part]
+
+
 @pytest.mark.parity
 def test_document_packed_second_has_the_logits_it_has_alone():
     model = _tiny()

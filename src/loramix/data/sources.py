@@ -58,6 +58,7 @@ class Documents:
     source: str
     rows: np.ndarray  # int64, each document's row in the split it was read from
     prompts: np.ndarray  # int64, characters of each document's text that are its prompt
+    digests: np.ndarray  # uint8 (n, 32), SHA-256 of each text's UTF-8: what the token cache is keyed on, without rendering again
     render: Callable[[list[int]], list[str]] = field(repr=False)  # the texts of these rows, in order
 
     def __len__(self) -> int:
@@ -71,7 +72,7 @@ class Documents:
 
     def take(self, index) -> Documents:
         """The documents at `index` (positions, a slice or a boolean mask), in that order."""
-        return replace(self, rows=self.rows[index], prompts=self.prompts[index])
+        return replace(self, rows=self.rows[index], prompts=self.prompts[index], digests=self.digests[index])
 
     def chunks(self) -> Iterator[list[Document]]:
         """The documents in order, _CHUNK at a time."""
@@ -86,7 +87,7 @@ class Documents:
         assert len({d.source for d in docs}) <= 1, "Documents hold one source"
         texts = {d.row: d.text for d in docs}
         return Documents(docs[0].source if docs else "", np.array([d.row for d in docs], dtype=np.int64),
-                         np.array([d.prompt for d in docs], dtype=np.int64), lambda rows: [texts[r] for r in rows])
+                         np.array([d.prompt for d in docs], dtype=np.int64), _digests(d.text for d in docs), lambda rows: [texts[r] for r in rows])
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,11 @@ def read_source(name: str, spec: SourceConfig, data: DataConfig, cap: int | None
     for template in filter(None, (spec.template, spec.prompt)):
         _check_template(name, template, table.column_names)
     order = np.random.default_rng([data.seed, _stable_id(name)]).permutation(len(table))
-    rows, prompts, digest = [], [], JsonListDigest()
+    rows, prompts, texts, digest = [], [], [], JsonListDigest()
     for row_id, text, prompt in _render(name, spec, table, order, cap):
         rows.append(row_id)
         prompts.append(prompt)
+        texts.append(hashlib.sha256(text.encode()).digest())
         digest.add(text)
     if not rows:
         where = path or spec.hub_id
@@ -127,7 +129,16 @@ def read_source(name: str, spec: SourceConfig, data: DataConfig, cap: int | None
 
     def render(ids: list[int]) -> list[str]:
         return [_format(name, "template", spec.template, row, row_id) for row_id, row in zip(ids, table.select(ids).to_list())]
-    return SourceRead(Documents(name, np.array(rows, dtype=np.int64), np.array(prompts, dtype=np.int64), render), revision, digest.hexdigest())
+    documents = Documents(name, np.array(rows, dtype=np.int64), np.array(prompts, dtype=np.int64), _as_array(texts), render)
+    return SourceRead(documents, revision, digest.hexdigest())
+
+
+def _digests(texts: Iterator[str]) -> np.ndarray:
+    return _as_array([hashlib.sha256(t.encode()).digest() for t in texts])
+
+
+def _as_array(digests: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
 
 
 class JsonListDigest:

@@ -7,7 +7,8 @@ counted once), so bits per byte count exactly the bytes of the text scored, what
 byte-level BPE with its leading-space marks, SentencePiece with byte fallback, special tokens. A
 document with a prompt also records where its completion starts, for `data.loss_on=completion`.
 
-The cache key covers the tokenizer's vocabulary, every text and prompt, and the chat formatting, so a
+The cache key covers the tokenizer's vocabulary, every text (its SHA-256, taken when the source was read) and
+prompt, and the chat formatting, so a
 changed source, cap, split or tokenizer can never reuse stale tokens.
 """
 
@@ -29,7 +30,7 @@ from loramix.data.sources import Document, Documents
 from loramix.errors import LoramixError
 from loramix.files import remove_orphans, replacing, write_json
 
-_VERSION = 3  # bump when what is cached changes
+_VERSION = 4  # bump when what is cached, or how it is keyed, changes
 _CHUNK = 4096  # documents per encode_batch call
 _CHUNK_CHARS = 1 << 20  # and characters: the Rust encodings take ~40 bytes per character (4M: +420 MB on cnn_dailymail, 1M: +170 MB)
 
@@ -85,21 +86,20 @@ class TokenTable:
 def tokenize_documents(docs: Documents, tokenizer, cache_dir: str, log=print, chat: bool = False, workers: int = 1) -> TokenTable:
     """Tokens of each document, aligned with `docs`; a document repeated (a source's weight) is tokenized
     once. With `chat`, documents that have a prompt are formatted through the tokenizer's chat template
-    (user: prompt, assistant: the rest). The texts are rendered a chunk at a time, once for the cache key
-    and, on a miss, again for `workers` threads to tokenize side by side (the Rust tokenizer drops the GIL)."""
+    (user: prompt, assistant: the rest). On a cache miss the texts are rendered a chunk at a time for
+    `workers` threads to tokenize side by side (the Rust tokenizer drops the GIL)."""
     if tokenizer.eos_token_id is None:
         raise LoramixError("the tokenizer has no EOS token; pick a model whose tokenizer defines one")
     unique, row = _first_occurrences(docs.rows)
     distinct = docs.take(unique)
 
-    def texts() -> Iterator[tuple[str, int, bool]]:
-        return (_as_text(d, tokenizer, chat) for chunk in distinct.chunks() for d in chunk)
-    path = Path(cache_dir).expanduser() / "tokens" / _cache_key(tokenizer, texts())
+    path = Path(cache_dir).expanduser() / "tokens" / _cache_key(tokenizer, distinct, chat)
     store = _open_store(path, len(distinct), log)
     if store is not None:
         log(f"  tokens: {len(distinct)} documents from cache {path.name}")
     else:
-        _write_store(path, texts(), len(distinct), tokenizer, workers)
+        texts = (_as_text(d, tokenizer, chat) for chunk in distinct.chunks() for d in chunk)
+        _write_store(path, texts, len(distinct), tokenizer, workers)
         store = _open_store(path, len(distinct), log, verify=False)  # just written: its checksums were computed from these bytes
         log(f"  tokens: {len(distinct)} documents tokenized, {len(store['ids']):,} tokens (cached)")
     return TokenTable(store["ids"], store["bytes"], store["offsets"], store["completion"], row)
@@ -154,7 +154,8 @@ def _encoded(texts: Iterator[tuple[str, int, bool]], tokenizer, bos: np.ndarray,
     pool instead (whose idle workers spin: 65 s of CPU against 45), 60 s on one thread."""
     chunks = _chunks(texts)
     with ThreadPoolExecutor(workers) as pool:
-        ahead = deque((chunk, pool.submit(_tokenize, chunk, tokenizer)) for chunk in itertools.islice(chunks, workers))
+        # Twice as many chunks queued as threads: one finishing never waits for this thread to render the next.
+        ahead = deque((chunk, pool.submit(_tokenize, chunk, tokenizer)) for chunk in itertools.islice(chunks, 2 * workers))
         while ahead:
             chunk, encodings = ahead.popleft()
             following = next(chunks, None)
@@ -295,9 +296,13 @@ def _tokenizer_digest(tokenizer) -> bytes:
 _DIGESTS: dict[int, tuple[object, bytes]] = {}
 
 
-def _cache_key(tokenizer, texts: Iterator[tuple[str, int, bool]]) -> str:
+def _cache_key(tokenizer, docs: Documents, chat: bool) -> str:
+    """What decides the tokens: the tokenizer, the chat formatting and every document's prompt length and text
+    digest, in order."""
     h = hashlib.sha256(f"v{_VERSION}".encode())
     h.update(_tokenizer_digest(tokenizer))
-    for text, prompt, add_bos in texts:
-        h.update(hashlib.sha256(f"{prompt}:{add_bos}:{text}".encode()).digest())
+    if chat:
+        h.update(repr(("chat", getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token)).encode())
+    h.update(docs.prompts.astype("<i8").tobytes())
+    h.update(np.ascontiguousarray(docs.digests).tobytes())
     return h.hexdigest()[:32]
