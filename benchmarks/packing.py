@@ -60,7 +60,7 @@ def main() -> None:
         steps = epoch_steps(lengths, batching(cfg), cfg.train.seed, 0)
         fill, rows = fill_of_steps(lengths, steps, seq_len, dynamic)
         results[name] = {"train_fill": fill, "train_rows": rows, "steps": len(steps)}
-    val_segments = [seg for row in data.val_rows for seg in row]
+    val_segments = data.val_rows.segments
     for packing in (False, True):
         rows = pack_eval_rows(val_segments, seq_len, packing)
         real = sum(len(s.tokens) for s in val_segments)

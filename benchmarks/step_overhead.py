@@ -47,6 +47,7 @@ def main() -> None:
     from loramix.artifacts import load_inputs
     from loramix.config import load_config
     from loramix.model import attach_lora
+    from loramix.records import Fingerprints
     from loramix.runtime import Dist
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +60,8 @@ def main() -> None:
         cfg, data, model = inputs.cfg, inputs.data, inputs.model
         plan, schedule = training.make_plan(cfg, data, model)
         (Path(tmp) / "run").mkdir()
-        loop = training.Loop.start(cfg, model, inputs.tokenizer, data, plan, torch.device("cpu"), "fp32", Path(tmp) / "run", {}, Dist(),
+        loop = training.Loop.start(cfg, model, inputs.tokenizer, data, plan, torch.device("cpu"), "fp32", Path(tmp) / "run",
+                                   Fingerprints(inputs.base_fingerprint, cfg.fingerprint()), Dist(),
                                    lambda *a: None, False)
         params = [p for p in model.parameters() if p.requires_grad]
 
