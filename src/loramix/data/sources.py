@@ -94,7 +94,7 @@ class Documents:
 class SourceRead:
     documents: Documents
     revision: str | None  # the Hub dataset's commit that was read; None for a local file
-    text_sha256: str  # `json_sha256` of every document's text, in order (the manifest's)
+    text_sha256: str  # `JsonListDigest` of every document's text, in order (the manifest's)
 
 
 def load_documents(name: str, spec: SourceConfig, data: DataConfig, cap: int | None) -> list[Document]:
@@ -117,11 +117,11 @@ def read_source(name: str, spec: SourceConfig, data: DataConfig, cap: int | None
     for template in filter(None, (spec.template, spec.prompt)):
         _check_template(name, template, table.column_names)
     order = np.random.default_rng([data.seed, _stable_id(name)]).permutation(len(table))
-    rows, prompts, texts, digest = [], [], [], JsonListDigest()
+    rows, prompts, hashes, digest = [], [], [], JsonListDigest()
     for row_id, text, prompt in _render(name, spec, table, order, cap):
         rows.append(row_id)
         prompts.append(prompt)
-        texts.append(hashlib.sha256(text.encode()).digest())
+        hashes.append(hashlib.sha256(text.encode()).digest())
         digest.add(text)
     if not rows:
         where = path or spec.hub_id
@@ -129,7 +129,7 @@ def read_source(name: str, spec: SourceConfig, data: DataConfig, cap: int | None
 
     def render(ids: list[int]) -> list[str]:
         return [_format(name, "template", spec.template, row, row_id) for row_id, row in zip(ids, table.select(ids).to_list())]
-    documents = Documents(name, np.array(rows, dtype=np.int64), np.array(prompts, dtype=np.int64), _as_array(texts), render)
+    documents = Documents(name, np.array(rows, dtype=np.int64), np.array(prompts, dtype=np.int64), _as_array(hashes), render)
     return SourceRead(documents, revision, digest.hexdigest())
 
 

@@ -7,9 +7,9 @@ counted once), so bits per byte count exactly the bytes of the text scored, what
 byte-level BPE with its leading-space marks, SentencePiece with byte fallback, special tokens. A
 document with a prompt also records where its completion starts, for `data.loss_on=completion`.
 
-The cache key covers the tokenizer's vocabulary, every text (its SHA-256, taken when the source was read) and
-prompt, and the chat formatting, so a
-changed source, cap, split or tokenizer can never reuse stale tokens.
+The cache key covers the tokenizer's vocabulary, every text (its SHA-256, taken when the source was read)
+and prompt, and the chat formatting, so a changed source, cap, split or tokenizer can never reuse stale
+tokens.
 """
 
 from __future__ import annotations
@@ -92,7 +92,6 @@ def tokenize_documents(docs: Documents, tokenizer, cache_dir: str, log=print, ch
         raise LoramixError("the tokenizer has no EOS token; pick a model whose tokenizer defines one")
     unique, row = _first_occurrences(docs.rows)
     distinct = docs.take(unique)
-
     path = Path(cache_dir).expanduser() / "tokens" / _cache_key(tokenizer, distinct, chat)
     store = _open_store(path, len(distinct), log)
     if store is not None:
