@@ -15,7 +15,7 @@ LAYERS = [
     ["errors"], ["files"], ["records"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.sampling"], ["data.prepare"],
     ["gguf_bases"], ["model"], ["loss"], ["probe"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
-    ["training", "export", "generation", "reporting"], ["batching", "serve_api"], ["serve"],
+    ["training", "merging", "generation", "reporting"], ["batching", "serve_api"], ["serve"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}

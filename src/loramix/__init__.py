@@ -23,7 +23,7 @@ _API = {
     "EvalResult": "loramix.evaluation",
     "Sampling": "loramix.generation",
     "TrainResult": "loramix.training",
-    "merge": "loramix.export",
+    "merge": "loramix.merging",
     "train": "loramix.commands", "evaluate": "loramix.commands", "generate": "loramix.commands",
     "report": "loramix.commands", "Completions": "loramix.commands",
 }

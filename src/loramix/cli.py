@@ -124,7 +124,7 @@ def _dispatch(args) -> int:
     elif args.command == "eval":
         _eval(args, log, main_process)
     elif args.command == "merge":
-        from loramix.export import merge
+        from loramix.merging import merge
 
         out = merge(args.source, args.out, args.dtype, args.overwrite)
         print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
