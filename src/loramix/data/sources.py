@@ -87,7 +87,8 @@ class Documents:
         assert len({d.source for d in docs}) <= 1, "Documents hold one source"
         texts = {d.row: d.text for d in docs}
         return Documents(docs[0].source if docs else "", np.array([d.row for d in docs], dtype=np.int64),
-                         np.array([d.prompt for d in docs], dtype=np.int64), _digests(d.text for d in docs), lambda rows: [texts[r] for r in rows])
+                         np.array([d.prompt for d in docs], dtype=np.int64), _as_array([_sha256(d.text) for d in docs]),
+                         lambda rows: [texts[r] for r in rows])
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def read_source(name: str, spec: SourceConfig, data: DataConfig, cap: int | None
     for row_id, text, prompt in _render(name, spec, table, order, cap):
         rows.append(row_id)
         prompts.append(prompt)
-        hashes.append(hashlib.sha256(text.encode()).digest())
+        hashes.append(_sha256(text))
         digest.add(text)
     if not rows:
         where = path or spec.hub_id
@@ -133,8 +134,9 @@ def read_source(name: str, spec: SourceConfig, data: DataConfig, cap: int | None
     return SourceRead(documents, revision, digest.hexdigest())
 
 
-def _digests(texts: Iterator[str]) -> np.ndarray:
-    return _as_array([hashlib.sha256(t.encode()).digest() for t in texts])
+def _sha256(text: str) -> bytes:
+    """A text's digest in `Documents.digests`."""
+    return hashlib.sha256(text.encode()).digest()
 
 
 def _as_array(digests: list[bytes]) -> np.ndarray:
