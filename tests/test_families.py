@@ -21,9 +21,10 @@ from loramix.commands import evaluate as evaluate_source
 from loramix.config import load_config
 from loramix.data.packing import Segment, collate
 from loramix.errors import LoramixError
-from loramix.generation import Sampling, generate
+from loramix.generation import generate
 from loramix.loss import token_nll
 from loramix.model import load_base_model, load_tokenizer
+from loramix.serve.sampler import Sampling
 
 from conftest import CRASHING, ROOT
 
@@ -166,7 +167,7 @@ def test_serves_the_adapter(runs, model_type):
     """The batching server (adapter and base rows in one batch) answers as the merged adapter does."""
     import urllib.request
 
-    from loramix.serve import load_engine, running
+    from loramix.serve.http import load_engine, running
 
     run_dir = runs(model_type).run_dir
     model, tok = artifacts.load_for_generation(run_dir)
@@ -181,27 +182,30 @@ def test_serves_the_adapter(runs, model_type):
 
 
 @pytest.mark.parity
-def test_opt_serves_adapter_and_base_rows_in_turn(runs):
-    """OPT's MLP folds the batch into the token dimension, so PEFT cannot mix adapters in one forward:
-    the scheduler batches one adapter at a time, and an adapter row and a base row queued together each
-    get their own model's greedy text."""
-    from loramix.batching import BASE, Sequence
-    from loramix.serve import load_engine
+def test_opt_serves_adapter_and_base_rows_in_one_batch(runs):
+    """OPT's MLP folds the batch into the token dimension (PEFT's mixed batches refuse it); the gathered pass
+    routes by token, so an adapter row and a base row run in the same steps, each with its own model's greedy text."""
+    from loramix.serve.http import load_engine
+    from loramix.serve.lora import BASE
+    from loramix.serve.scheduler import Sequence
 
     run_dir = runs("opt").run_dir
     engine = load_engine([run_dir], max_tokens=8, device=torch.device("cpu"), log=lambda *a: None)
-    assert not engine.scheduler.mixes
+    assert engine.scheduler.mixes
     tok, events = engine.tokenizer, []
     prompts = {run_dir.name: "the market", BASE: "the cat sat"}
     engine.scheduler.submit([Sequence(tok(p)["input_ids"], name, Sampling(max_new_tokens=4), events.append, index=k, stream=False)
                              for k, (name, p) in enumerate(prompts.items())])
-    while engine.scheduler.queued or engine.scheduler.batch_size:
-        assert engine.scheduler.step() is not None and engine.scheduler.batch_size <= 1
+    rows = [len(engine.scheduler.step()) for _ in range(4)]
+    assert rows == [2, 2, 2, 2] and not engine.scheduler.batch_size
     merged, _ = artifacts.load_for_generation(run_dir)
     base = load_base_model(artifacts.load_run_config(run_dir).model, 64).eval()
+    texts = {}
     for (name, prompt), event in zip(prompts.items(), sorted(events, key=lambda e: e.index)):
         (expected,), _ = generate(merged if name == run_dir.name else base, tok, [prompt], Sampling(max_new_tokens=4))
         assert event.error is None and event.text == expected
+        texts[name] = expected
+    assert texts[run_dir.name] != generate(base, tok, ["the market"], Sampling(max_new_tokens=4))[0][0], "the adapter changes nothing"
 
 
 @pytest.mark.unit
@@ -239,7 +243,7 @@ def test_mixture_of_experts_adapts_the_experts_without_dropout(root, cache_dir, 
     adapter at a time."""
     from transformers import AutoModelForCausalLM
 
-    from loramix.serve import load_engine
+    from loramix.serve.http import load_engine
     from loramix.training import train
 
     result = train(load_config(None, overrides(root, "mixtral", cache_dir, "lora.dropout=0")), tmp_path / "run", log=lambda *a: None)

@@ -8,7 +8,8 @@ import torch
 
 from loramix.artifacts import load_for_generation
 from loramix.cli import main
-from loramix.generation import Sampling, generate
+from loramix.generation import generate
+from loramix.serve.sampler import Sampling
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_batched_prompts_match_single_prompts(run_dir):
 
 @pytest.mark.e2e
 def test_stop_strings_cut_the_text():
-    from loramix.generation import cut_at_stop
+    from loramix.serve.detokenizer import cut_at_stop
 
     assert cut_at_stop("one two. three", (".",)) == "one two" and cut_at_stop("abc", ("x",)) == "abc"
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from loramix import batching
 from loramix.config import load_config
-from loramix.model import base_fingerprint, load_base_model, pack_linears, unwrap
+from loramix.model import base_fingerprint, load_base_model, unwrap
+from loramix.serve import sampler
+from loramix.serve.detokenizer import Detokenizer
+from loramix.serve.packed import pack_linears
 
 
 def tiny_gpt2():
@@ -71,12 +73,12 @@ def test_chunked_greedy_and_top_k_equal_argmax_and_topk(vocab):
             logits[:, -1] = 50.0  # the maximum in the last, partial, chunk
         if trial % 4 == 0:
             logits = logits.round()  # many ties: argmax takes the first; topk's order among ties is its own
-        maxima = batching._chunk_maxima(logits)
-        assert torch.equal(batching._greedy(logits, maxima), logits.argmax(-1))
+        maxima = sampler._chunk_maxima(logits)
+        assert torch.equal(sampler._greedy(logits, maxima), logits.argmax(-1))
         rows = [0, 3, 5]
         for k in (1, 5, 50):
             if k <= vocab:
-                ours, theirs = batching._top(logits, maxima, rows, k), logits[rows].topk(k).indices
+                ours, theirs = sampler._top(logits, maxima, rows, k), logits[rows].topk(k).indices
                 sub = logits[rows]
                 # the same values; the same ids where no value ties at the k-th place
                 assert torch.equal(sub.gather(1, ours).sort(-1).values, sub.gather(1, theirs).sort(-1).values)
@@ -90,7 +92,6 @@ def test_text_decoded_a_few_tokens_at_a_time_equals_decoding_them_all(kind):
     """After every token: accents, emoji split over byte tokens, SentencePiece's leading spaces, random ids."""
     from tiny_families import hf_tokenizer, sample_texts
 
-    from loramix.generation import Sampling
     from loramix.model import load_tokenizer
 
     tok = load_tokenizer(load_config(None, []).model) if kind == "gpt2" else hf_tokenizer(kind)
@@ -98,8 +99,8 @@ def test_text_decoded_a_few_tokens_at_a_time_equals_decoding_them_all(kind):
     cases = [tok(t, add_special_tokens=False)["input_ids"] for t in sample_texts(40)]
     cases += [torch.randint(0, len(tok), (40,), generator=gen).tolist() for _ in range(40)]
     for ids in cases:
-        seq = batching.Sequence([], None, Sampling(), lambda event: None)
+        text, tokens = Detokenizer(tok), []
         for token in ids:
-            seq.tokens.append(token)
-            assert batching._text(tok, seq) == tok.decode(seq.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    assert seq.read_at > 0  # it did decode a few at a time
+            tokens.append(token)
+            assert text.update(tokens) == tok.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert text.read_at > 0  # it did decode a few at a time

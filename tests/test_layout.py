@@ -15,7 +15,8 @@ LAYERS = [
     ["errors"], ["files"], ["records"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.sampling"], ["data.prepare"],
     ["gguf_bases"], ["model"], ["loss"], ["probe"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
-    ["training", "merging", "generation", "reporting"], ["batching", "serve_api"], ["serve"],
+    ["serve", "serve.sampler", "serve.detokenizer", "serve.packed"], ["serve.lora"], ["serve.scheduler"],
+    ["training", "merging", "generation", "reporting"], ["serve.api"], ["serve.http"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}

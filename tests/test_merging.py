@@ -67,7 +67,8 @@ def test_stock_peft_adapter_can_be_merged_by_loramix(tmp_path, cache_dir):
     metrics = json.loads(out.read_text())
     assert len(metrics["per_source"]) == 8 and metrics["overall"]["tokens"] > 0 and metrics["overall"]["loss"] > 0
     from loramix.artifacts import load_for_generation
-    from loramix.generation import Sampling, generate
+    from loramix.generation import generate
+    from loramix.serve.sampler import Sampling
 
     model, tok = load_for_generation(tmp_path / "adapter")
     (text,), _ = generate(model, tok, ["Hello"], Sampling(max_new_tokens=3))

@@ -19,9 +19,10 @@ import loramix
 from loramix import artifacts
 from loramix.config import load_config
 from loramix.data.packing import Segment, collate
-from loramix.generation import Sampling, generate
+from loramix.generation import generate
 from loramix.loss import token_nll
 from loramix.model import attach_lora, load_base_model, load_tokenizer
+from loramix.serve.sampler import Sampling
 
 from conftest import CRASHING, REAL_DATA, ROOT, metric_rows
 
@@ -178,8 +179,9 @@ def test_the_model_cards_code_loads_the_adapter_with_equal_logits(real_run):
 @pytest.mark.real
 def test_serves_the_real_adapter(real_run):
     """The batching server answers as `generate` does, on the run's adapter and on the base."""
-    from loramix.batching import BASE, Sequence
-    from loramix.serve import load_engine
+    from loramix.serve.http import load_engine
+    from loramix.serve.lora import BASE
+    from loramix.serve.scheduler import Sequence
 
     engine = load_engine([real_run], max_tokens=8, device=torch.device("cpu"), log=lambda *a: None)
     tok, events = engine.tokenizer, []

@@ -1,6 +1,7 @@
 """The server on loopback with the official `openai` client (two adapters and base, batched together), the
 batching engine's exactness against each request alone, and the limits: 429, 413, disconnects, failures."""
 
+import contextlib
 import http.client
 import json
 import shutil
@@ -13,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramix import batching
 from loramix.artifacts import load_adapters, load_for_generation
-from loramix.batching import BASE, Scheduler, Sequence
 from loramix.config import load_config
-from loramix.generation import Sampling, generate
-from loramix.model import pack_linears, unwrap
-from loramix.serve import load_engine, running
+from loramix.generation import generate
+from loramix.serve import scheduler as sched
+from loramix.serve.http import load_engine, running
+from loramix.serve.lora import BASE, Adapters
+from loramix.serve.packed import pack_linears
+from loramix.serve.sampler import Sampling
 from loramix.training import train
 
 from conftest import ROOT, TINY
@@ -164,8 +166,8 @@ def test_a_failing_request_fails_alone(server, monkeypatch):
             raise RuntimeError("injected")
         return real(logits, seqs)
 
-    real = batching.sample_rows
-    monkeypatch.setattr(batching, "sample_rows", sample_rows)
+    real = sched.sample_rows
+    monkeypatch.setattr(sched, "sample_rows", sample_rows)
     results = {}
 
     def ask(seed):
@@ -265,7 +267,7 @@ def test_a_stalled_client_holds_neither_the_engine_nor_the_others(adapter_dirs, 
     its end and leaves, and a request sent meanwhile is answered."""
     import asyncio
 
-    from loramix import serve
+    from loramix.serve import http as serve
 
     def build_app(*args, **kwargs):
         app = real(*args, **kwargs)
@@ -307,40 +309,36 @@ def test_batched_logits_equal_each_request_alone(adapter_dirs):
     """Mixed adapters and base, prompts of 1-12 tokens, requests joining mid-way and leaving early: every
     row's logits, through the packed LM head as served, equal those of its request alone (no batch, no cache, the
     adapter made active, transformers' own head) to 1e-4."""
-    model, tok, _ = load_adapters(adapter_dirs)
-    model.eval()
-    stock = unwrap(model).get_output_embeddings()
-    assert pack_linears(model) == 1  # the head: the tiny body's layers are under the size worth packing
+    stock, tok, _ = load_adapters(adapter_dirs)
+    stock.eval()
+    model = Adapters(load_adapters(adapter_dirs)[0].eval())
+    assert pack_linears(model.peft) == 1  # the head: the tiny body's layers are under the size worth packing
     texts = ["Once upon a time", "The", "A much longer prompt that goes on and on for a while", "The market", "x y z", "Markets rallied today after"]
     adapters = ["alpha", "beta", BASE, "beta", "alpha", BASE]
     settings = [Sampling(max_new_tokens=4 + 2 * k, temperature=0.0 if k % 2 else 0.9, seed=k, repetition_penalty=1.0 + 0.1 * (k % 3))
                 for k in range(len(texts))]
 
     def sequences():
-        return [Sequence(tok(t)["input_ids"], a, s, quiet, k) for k, (t, a, s) in enumerate(zip(texts, adapters, settings))]
+        return [sched.Sequence(tok(t)["input_ids"], a, s, quiet, k) for k, (t, a, s) in enumerate(zip(texts, adapters, settings))]
 
     batched = sequences()
     seen = {s: [] for s in batched}
-    scheduler = Scheduler(model, tok, max_batch=4)  # fewer slots than requests: some wait for others to leave
+    scheduler = sched.Scheduler(model, tok, max_batch=4)  # fewer slots than requests: some wait for others to leave
     for k in range(60):
         if k in (0, 2, 5):  # three arrivals: 3, 2, then 1 request
             scheduler.submit(batched[{0: slice(0, 3), 2: slice(3, 5), 5: slice(5, 6)}[k]])
         for seq, logits in scheduler.step().items():
             seen[seq].append(logits)
     assert all(s.done for s in batched) and sum(map(len, seen.values())) > 30
-    unwrap(model).set_output_embeddings(stock)
     for seq in batched:
         ids = torch.tensor([seq.prompt + seq.tokens[:-1]])
-        if seq.adapter == BASE:
-            with model.disable_adapter(), torch.no_grad():
-                alone = model(input_ids=ids).logits[0, len(seq.prompt) - 1 :]
-        else:
-            model.set_adapter(seq.adapter)
-            with torch.no_grad():
-                alone = model(input_ids=ids).logits[0, len(seq.prompt) - 1 :]
+        with torch.no_grad(), stock.disable_adapter() if seq.adapter == BASE else contextlib.nullcontext():
+            if seq.adapter != BASE:
+                stock.set_adapter(seq.adapter)
+            alone = stock(input_ids=ids).logits[0, len(seq.prompt) - 1 :]
         torch.testing.assert_close(torch.stack(seen[seq]), alone, atol=1e-4, rtol=0)
     for seq, single in zip(batched, sequences()):  # the same tokens, greedy or seeded sampling, with no company
-        one = Scheduler(model, tok)
+        one = sched.Scheduler(model, tok)
         one.submit([single])
         while not single.done:
             one.step()

@@ -21,7 +21,7 @@ _API = {
     "Config": "loramix.config", "load_config": "loramix.config",
     "LoramixError": "loramix.errors",
     "EvalResult": "loramix.evaluation",
-    "Sampling": "loramix.generation",
+    "Sampling": "loramix.serve.sampler",
     "TrainResult": "loramix.training",
     "merge": "loramix.merging",
     "train": "loramix.commands", "evaluate": "loramix.commands", "generate": "loramix.commands",

@@ -215,8 +215,8 @@ def load_for_generation(source: Path):
 
 
 def load_adapters(sources: list[Path]):
-    """(PeftModel with one adapter per source, named by its dir, tokenizer, names) for run dirs and
-    adapter dirs that share one base.
+    """(PeftModel with one adapter per source, named by its dir, tokenizer, the bare base's fingerprint) for run
+    dirs and adapter dirs that share one base.
 
     Raises:
         LoramixError: names that clash (or are 'base'), or adapters of different bases.
@@ -229,14 +229,24 @@ def load_adapters(sources: list[Path]):
     fingerprint = base_fingerprint(base)  # of the bare base, as runs record it
     model, tokenizer = attach_trained(sources[0], base, names[0]), load_tokenizer(mc, cache_dir)
     for source, name in zip(sources[1:], names[1:]):
-        # A run records its base's fingerprint: compare that, and build the base only for adapter dirs.
-        theirs = read_status(source).base_fingerprint if kind_of(source) == RUN else None
-        if theirs is None:
-            theirs = base_fingerprint(load_base_model(*base_model_config(source)))
-        if theirs != fingerprint:
-            raise LoramixError(f"{source} was trained on another base than {sources[0]}; serve adapters of one base together")
-        model.load_adapter(str(adapter_path(source)), adapter_name=name)
-    return model, tokenizer, names
+        model.load_adapter(str(adapter_on(source, fingerprint, sources[0])), adapter_name=name)
+    return model, tokenizer, fingerprint
+
+
+def adapter_on(source: Path, fingerprint: str, served: Path | str = "the served base") -> Path:
+    """The PEFT adapter dir of a run dir or adapter dir trained on the base whose fingerprint is `fingerprint`.
+
+    Raises:
+        LoramixError: not a run or adapter dir, or trained on another base than `served`.
+    """
+    require(source, (RUN, ADAPTER))
+    # A run records its base's fingerprint: compare that, and build the base only for adapter dirs.
+    theirs = read_status(source).base_fingerprint if kind_of(source) == RUN else None
+    if theirs is None:
+        theirs = base_fingerprint(load_base_model(*base_model_config(source)))
+    if theirs != fingerprint:
+        raise LoramixError(f"{source} was trained on another base than {served}; serve adapters of one base together")
+    return adapter_path(source)
 
 
 @dataclass

@@ -154,7 +154,7 @@ def _eval(args, log, main_process: bool) -> None:
 
 def _generate(args) -> None:
     from loramix.commands import generate
-    from loramix.generation import Sampling
+    from loramix.serve.sampler import Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, tuple(args.stop))
     sampling.check()  # before reading stdin

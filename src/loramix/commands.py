@@ -14,11 +14,12 @@ from loramix import artifacts
 from loramix.config import Config, config_from_dict, load_config, scoring_keys
 from loramix.errors import LoramixError
 from loramix.evaluation import EvalResult, Scorer, forgetting_check
-from loramix.generation import Sampling
 from loramix.generation import generate as sample
-from loramix.model import compile_body, pack_linears
+from loramix.model import compile_body
 from loramix.reporting import build_report
 from loramix.runtime import autocast_for, init_distributed, progress_bars, resolve_device, resolve_precision
+from loramix.serve.packed import pack_linears
+from loramix.serve.sampler import Sampling
 from loramix.training import TrainResult
 from loramix.training import train as run_recipe
 
@@ -164,6 +165,6 @@ def report(run_dirs: str | Path | list[str | Path], out: str | Path | None = Non
 def serve_sources(sources: list[Path], host: str, port: int, max_tokens: int, device: str = "auto", max_batch: int = 32, max_queue: int = 64,
                   log=print) -> None:
     """`loramix serve`: blocks until Ctrl-C."""
-    from loramix.serve import serve
+    from loramix.serve.http import serve
 
     serve(sources, host, port, max_tokens, resolve_device(device), max_batch, max_queue, log=log)

@@ -3,10 +3,9 @@
 Every step runs the running rows' next token through one forward with the KV cache and, when prompts were
 waiting for a slot, their prefill through another, whose cache then joins the batch's; every row samples its
 next token with its own settings and torch.Generator, and rows that finished (or whose client left) leave.
-Each row runs through its own adapter, or none, by PEFT's mixed-adapter batches (`adapter_names=`), never by
-switching the model's active adapter. A model whose layers fold the batch into the token dimension before an
-adapted module (OPT's MLP) cannot mix adapters in one forward: there a batch holds one adapter's rows at a
-time, run with that adapter active, and requests for other adapters wait for it to drain.
+Each row runs through its own adapter, or none, by the gathered LoRA pass (serve/lora.py). A model whose adapters
+cannot be split by token (LoRA on experts' stacked weights) batches one adapter's rows at a time, and requests for
+other adapters wait for them to drain. Adapters are added and removed between steps (`call`, `retire`).
 
 Rows share the cache's columns: a row's tokens are its last columns, left-padded with masked ones, and
 position ids count each row's own tokens from 0 (GPT-2 has learned absolute positions), so a row's logits are
@@ -26,6 +25,7 @@ import collections
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from loramix.generation import Sampling, cut_at_stop
+from loramix.serve.detokenizer import Detokenizer, cut_at_stop, settled
+from loramix.serve.lora import Adapters
+from loramix.serve.sampler import Sampling, sample_rows
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 T = TypeVar("T")
 
 
@@ -58,7 +59,7 @@ class Event:
 class Sequence:
     """One prompt of a request, from the queue to its last token.
 
-    `adapter` names a PEFT adapter of the model, or is BASE (the base alone), or None for a model without adapters.
+    `adapter` names a served adapter, or is BASE (the base alone), or None for a model without adapters.
     `emit` is called from the scheduler's thread: with text as it settles when `stream`, else once, at the end.
     """
 
@@ -70,9 +71,7 @@ class Sequence:
     stream: bool = True
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text emitted so far
-    text: str = ""  # the text of tokens[:read_at], decoded a few tokens at a time (see _text)
-    prefix_at: int = 0
-    read_at: int = 0
+    text: Detokenizer | None = None
     done: bool = False
     cancelled: bool = False
     generator: torch.Generator | None = None
@@ -92,10 +91,10 @@ class _Rows:
 
 
 class Scheduler:
-    """Owns the model: `submit` from any thread; `step` (or the thread of `running`) generates.
+    """Owns the model: `submit` and `call` from any thread; `step` (or the thread of `running`) generates.
 
     Args:
-        model: a causal LM in eval mode; a PeftModel when sequences name adapters.
+        model: a causal LM in eval mode, or the `Adapters` of one (when sequences name adapters).
         tokenizer: decodes tokens to text; its EOS ends a sequence.
         max_batch: most sequences in the running batch.
         max_queue: most prompts waiting for a slot; `submit` raises QueueFull beyond.
@@ -104,14 +103,22 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 64, on_step: Callable[[int], None] | None = None, log=print):
-        self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
+        self.adapters = model if isinstance(model, Adapters) else None
+        self.model = model.model if self.adapters else model
+        self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
         self.on_step, self.log = on_step, log
         self.eos = tokenizer.eos_token_id
-        self.mixes = _mixes_adapters(model)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: _Rows | None = None
+        self._calls: list[tuple[Callable[[], object], Future]] = []
+        self._retiring: set[str] = set()
         self._wake = threading.Condition()
         self._stopping = False
+
+    @property
+    def mixes(self) -> bool:
+        """Whether rows of different adapters share a forward."""
+        return self.adapters is None or self.adapters.mixes
 
     @property
     def queued(self) -> int:
@@ -134,6 +141,37 @@ class Scheduler:
             self._waiting.extend(seqs)
             self._wake.notify()
 
+    def call(self, fn: Callable[[], T]) -> Future:
+        """Run `fn` in the scheduler's thread between two steps (to change the model); its result or error in the Future."""
+        future = Future()
+        with self._wake:
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def retire(self, adapter: str) -> None:
+        """Remove `adapter` once no queued or running sequence uses it (scheduler thread: through `call`)."""
+        self._retiring.add(adapter)
+        self._remove_retired()
+
+    def _remove_retired(self) -> None:
+        if not self._retiring:
+            return
+        with self._wake:
+            busy = {s.adapter for s in list(self._waiting) + (self._rows.seqs if self._rows else [])}
+        for adapter in self._retiring - busy:
+            self.adapters.remove(adapter)
+            self._retiring.discard(adapter)
+
+    def _run_calls(self) -> None:
+        with self._wake:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as e:  # noqa: BLE001 (the caller gets it)
+                future.set_exception(e)
+
     # ------------------------------------------------------------ the loop
 
     @contextlib.contextmanager
@@ -152,7 +190,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self._rows):
+                while not (self._stopping or self._waiting or self._rows or self._calls):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -173,6 +211,7 @@ class Scheduler:
     def step(self) -> dict[Sequence, torch.Tensor]:
         """The next token of the running rows and the prompts of the admitted ones; then every row samples.
         Returns the logits (V,) each row sampled from, by sequence."""
+        self._run_calls()
         self._leave(lambda s: s.cancelled, "cancelled")
         new, running = self._admit(), self._rows
         seqs = (running.seqs if running else []) + new
@@ -187,6 +226,7 @@ class Scheduler:
             if token is not None:
                 self._advance(seq, token)
         self._leave(lambda s: s.done, None)
+        self._remove_retired()
         if self.on_step is not None:
             self.on_step(len(seqs))
         return dict(zip(seqs, logits))
@@ -223,17 +263,17 @@ class Scheduler:
         row's last position, each row through its own adapter."""
         device, parts = self.model.device, []
         if running:
-            parts.append(self._run(*_decode_inputs(running, device)))
+            parts.append(self._run(*_decode_inputs(running, device), prefill=False))
         if new:
-            parts.append(self._run(*_prefill_inputs(new, device)))
+            parts.append(self._run(*_prefill_inputs(new, device), prefill=True))
         rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0])
         return rows, torch.cat([logits for _, logits in parts])
 
-    def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> tuple[_Rows, torch.Tensor]:
-        adapters = [s.adapter for s in seqs]
-        extra = {"adapter_names": adapters} if self.mixes and any(a is not None for a in adapters) else {}
-        with torch.inference_mode(), contextlib.nullcontext() if extra or adapters[0] is None else _only(self.model, adapters[0]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+    def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache,
+             prefill: bool) -> tuple[_Rows, torch.Tensor]:
+        routed = self.adapters.routed([s.adapter for s in seqs], prefill) if self.adapters else contextlib.nullcontext()
+        with torch.inference_mode(), routed:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         return _Rows(seqs, cache, mask), out.logits[:, -1].float()
 
     # ------------------------------------------------------------ sampling and text
@@ -257,7 +297,8 @@ class Scheduler:
         """Append seq's next token, send the text that is final by now, and end it on EOS, a stop string or its length."""
         try:
             seq.tokens.append(token)
-            text = _text(self.tokenizer, seq)
+            seq.text = seq.text or Detokenizer(self.tokenizer)
+            text = seq.text.update(seq.tokens)
             s = seq.sampling
             cut = cut_at_stop(text, s.stop)
             if token == self.eos or len(cut) < len(text) or len(seq.tokens) >= s.max_new_tokens:
@@ -265,7 +306,7 @@ class Scheduler:
                 reason = "length" if token != self.eos and len(cut) == len(text) else "stop"
                 self._emit(seq, Event(seq.index, cut[seq.sent :], reason, len(seq.tokens)))
                 return
-            end = _settled(text, s.stop) if seq.stream else 0
+            end = settled(text, s.stop) if seq.stream else 0
             if end > seq.sent:
                 self._emit(seq, Event(seq.index, text[seq.sent : end], None, len(seq.tokens)))
                 seq.sent = end
@@ -299,36 +340,6 @@ class Scheduler:
             self._rows = None
             return
         self._rows = _select(rows, keep)
-
-
-def _mixes_adapters(model) -> bool:
-    """Whether PEFT's mixed-adapter batches work on this model: every adapted module must see the batch
-    as its first dimension (OPT's MLP sees batch x tokens, which PEFT refuses). Probed with hooks of our
-    own on a plain forward (a refused mixed forward would leave PEFT's hooks behind). LoRA on MoE expert
-    weights (PEFT's ParamWrapper) takes no mixed batches at all."""
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora.layer import ParamWrapper
-
-    if any(isinstance(m, ParamWrapper) for m in model.modules()):
-        return False
-
-    rows: set[int] = set()
-    handles = [m.register_forward_pre_hook(lambda mod, args: rows.add(args[0].shape[0])) for m in model.modules() if isinstance(m, LoraLayer)]
-    try:
-        with torch.inference_mode():
-            model(input_ids=torch.zeros((2, 3), dtype=torch.long, device=model.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return rows <= {2}
-
-
-def _only(model, adapter: str):
-    """The model with one adapter active (BASE: none), for a batch of that adapter's rows alone."""
-    if adapter == BASE:
-        return model.disable_adapter()
-    model.set_adapter(adapter)
-    return contextlib.nullcontext()
 
 
 def _decode_inputs(rows: _Rows, device) -> tuple[list[Sequence], torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
@@ -368,154 +379,3 @@ def _select(rows: _Rows, keep: list[int]) -> _Rows:
     cut = mask.shape[1] - int(mask.sum(1).max())
     kv = [(layer.keys[index, :, cut:], layer.values[index, :, cut:]) for layer in rows.cache.layers]
     return _Rows([rows.seqs[k] for k in keep], DynamicCache(kv), mask[:, cut:])
-
-
-def _text(tokenizer, seq: Sequence) -> str:
-    """seq's text so far, decoding its newest tokens only, as transformers' streamers and vLLM do: decoding all
-    of them each step costs a row O(length) a step (16 rows of 1,000 tokens: ~1 ms). The tokens decoded just
-    before them come along and their text is taken off, since a token's text may depend on the one before (a
-    SentencePiece word's leading space); the text settles once it ends in a whole character."""
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    before, now = decode(seq.tokens[seq.prefix_at : seq.read_at]), decode(seq.tokens[seq.prefix_at :])
-    new = now[len(before) :]
-    if new and not new.endswith("\ufffd"):
-        seq.text, seq.prefix_at, seq.read_at, new = seq.text + new, seq.read_at, len(seq.tokens), ""
-    return seq.text + new
-
-
-def _settled(text: str, stop: tuple[str, ...]) -> int:
-    """How much of `text` cannot change any more: not a trailing partial character (U+FFFD from a split
-    byte sequence), nor a tail that may grow into a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    held = max((k for s in stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
-    return end - held
-
-
-def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """The next token of every row of `logits` (B, V), each under its sequence's own settings and generator:
-    repetition penalty as transformers applies it, then greedy at temperature 0, else temperature, top-k and
-    top-p, and one uniform draw from the sequence's generator (so a seeded row draws the same alone or batched)."""
-    logits = _penalized(logits, seqs)
-    maxima = _chunk_maxima(logits)
-    drawn = [k for k, seq in enumerate(seqs) if seq.sampling.temperature > 0]
-    tokens = _greedy(logits, maxima).tolist() if len(drawn) < len(seqs) else [0] * len(seqs)  # ~5 us a row: no need to pick the rows
-    if drawn:
-        for k, token in zip(drawn, _draw(logits, maxima, drawn, [seqs[k] for k in drawn])):
-            tokens[k] = token
-    return tokens
-
-
-def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Logits of tokens already in a sequence (prompt or output) divided by its penalty (multiplied when negative)."""
-    if all(seq.sampling.repetition_penalty == 1.0 for seq in seqs):
-        return logits
-    logits = logits.clone()
-    for row, seq in zip(logits, seqs):
-        penalty = seq.sampling.repetition_penalty
-        if penalty != 1.0:
-            seen = torch.tensor(seq.prompt + seq.tokens, device=logits.device).unique()
-            scores = row[seen]
-            row[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits
-
-
-def _draw(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> list[int]:
-    """One token for each of `rows` of `logits` by inverse CDF in vocabulary order: the same draw picks the same
-    token whether the row is sampled alone or among rows of other settings."""
-    settings, device = [seq.sampling for seq in seqs], logits.device
-    ids, logits = _candidates(logits, maxima, rows, [s.top_k for s in settings])
-    probs = (logits / torch.tensor([s.temperature for s in settings], device=device)[:, None]).softmax(-1)
-    nucleus = [k for k, s in enumerate(settings) if s.top_p < 1]
-    if nucleus:
-        probs[nucleus] = _nucleus(probs[nucleus], torch.tensor([settings[k].top_p for k in nucleus], device=device)[:, None])
-    for seq in seqs:
-        if seq.generator is None:
-            seq.generator = torch.Generator(device).manual_seed(seq.sampling.seed)
-    # u in (0, 1]: the first token whose cumulative mass reaches u * total has mass > 0
-    u = torch.stack([1 - torch.rand((), generator=seq.generator, device=device) for seq in seqs])
-    cdf = probs.cumsum(-1)
-    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
-    return (picks if ids is None else ids.gather(1, picks)).squeeze(1).tolist()
-
-
-def _candidates(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], top_k: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """`rows` of `logits` with each one's top-k applied (0: all tokens). When every row has a top-k, only the
-    largest k columns are kept, in vocabulary order, with their token ids (b, k); else the ids are None (all, in
-    order). Temperature comes later: it does not change which tokens are the largest."""
-    vocab = logits.shape[-1]
-    ks = [min(k, vocab) if k else vocab for k in top_k]
-    ids = None
-    if max(ks) < vocab:  # sampling needs only these columns: a softmax over (b, k) instead of (b, V)
-        ids = _top(logits, maxima, rows, max(ks)).sort(-1).values
-        logits = _pick(logits, torch.tensor(rows, device=logits.device)[:, None], ids)
-    else:
-        logits = logits[rows]
-    limited = [r for r, k in enumerate(ks) if k < logits.shape[-1]]
-    if limited:
-        k = torch.tensor([ks[r] for r in limited], device=logits.device)
-        kth = logits[limited].topk(int(k.max())).values.gather(1, (k - 1)[:, None])  # each row's k-th largest
-        logits[limited] = logits[limited].masked_fill(logits[limited] < kth, float("-inf"))
-    return ids, logits
-
-
-# Greedy and top-k read the vocabulary in chunks of this many columns: a maximum per chunk (one vectorized
-# pass), then only the chunks that can hold the answer. torch's argmax and topk over a 50,257-token row take
-# 40-80 us on this project's CPUs; this takes 10-20.
-_CHUNK = 64
-
-
-def _chunk_maxima(logits: torch.Tensor) -> torch.Tensor:
-    """(B, ceil(V / _CHUNK)): each row's maximum over columns [c * _CHUNK, (c + 1) * _CHUNK)."""
-    rows, vocab = logits.shape
-    whole = vocab // _CHUNK * _CHUNK
-    parts = [logits[:, :whole].reshape(rows, -1, _CHUNK).amax(-1)]
-    if whole < vocab:
-        parts.append(logits[:, whole:].amax(-1, keepdim=True))
-    return torch.cat(parts, 1)
-
-
-def _in_chunks(logits: torch.Tensor, rows: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The columns of chunks (b, m) of `rows` (b, 1) of logits: their ids and values (b, m * _CHUNK), -inf past the
-    vocabulary's end."""
-    vocab = logits.shape[-1]
-    ids = (chunks[..., None] * _CHUNK + torch.arange(_CHUNK, device=logits.device)).flatten(1)
-    values = _pick(logits, rows, ids.clamp(max=vocab - 1)).masked_fill(ids >= vocab, float("-inf"))
-    return ids, values
-
-
-def _pick(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """logits[rows, ids] for rows (b, 1) and ids (b, m), by flat index (faster than indexing with two tensors)."""
-    return logits.contiguous().take(rows * logits.shape[-1] + ids)
-
-
-def _greedy(logits: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(-1), ties to the first column as there: the first chunk holding a row's maximum, then the
-    first column of that chunk holding it."""
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    ids, values = _in_chunks(logits, rows, maxima.argmax(-1, keepdim=True))
-    return ids.gather(1, values.argmax(-1, keepdim=True)).squeeze(1)
-
-
-def _top(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], k: int) -> torch.Tensor:
-    """The ids of the k largest logits of each of `rows` (b, k), as logits[rows].topk(k) finds them (in another
-    order): they lie in the k chunks whose maxima are largest, since k chunk maxima are k values of the row, so
-    its k-th largest value is at least their k-th largest."""
-    if k * _CHUNK * 4 > logits.shape[-1]:  # a wide top-k: few chunks to skip
-        return logits[rows].topk(k).indices
-    at = torch.tensor(rows, device=logits.device)[:, None]
-    ids, values = _in_chunks(logits, at, maxima[rows].topk(k).indices)
-    return ids.gather(1, values.topk(k).indices)
-
-
-def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """`probs` (B, V) with all but each row's nucleus zeroed: its fewest most likely tokens whose mass reaches
-    top_p (B, 1). The nucleus is sought among the top 64, 512, ... tokens, so the vocabulary is sorted
-    whole only for a row whose nucleus is that wide (a flat distribution)."""
-    k, vocab = 64, probs.shape[-1]
-    while True:
-        ordered, order = probs.topk(min(k, vocab))  # (B, k), descending
-        if k >= vocab or bool((ordered.sum(-1, keepdim=True) >= top_p).all()):
-            break
-        k *= 8
-    beyond = ordered.cumsum(-1) - ordered >= top_p  # the mass before them reaches top_p already; the first always stays
-    return torch.zeros_like(probs).scatter(1, order, ordered.masked_fill(beyond, 0.0))

@@ -3,10 +3,13 @@
     POST /v1/completions       {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", ...}
     POST /v1/chat/completions  {"model", "messages", ...}: only for a tokenizer with a chat template
     GET  /v1/models            the adapters (and "base")
+    POST /v1/adapters          {"lora_name", "lora_path"}: load a run dir or PEFT adapter dir on the same base, as vLLM's
+                               load_lora_adapter; requests in flight go on meanwhile
+    DELETE /v1/adapters/{name} stop serving it: new requests get 404, those in flight finish on it first
     GET  /health
     GET  /metrics              Prometheus text format
 
-Generation runs in one `batching.Scheduler` thread that batches all requests, whatever their adapter; the
+Generation runs in one `scheduler.Scheduler` thread that batches all requests, whatever their adapter; the
 event loop only validates, queues and streams. Limits: a full queue answers 429 with Retry-After, a body over
 `max_body` 413, a bad request 4xx with OpenAI's error body, a failed request 500 with a message (never a
 stack trace) while the others go on. A client that leaves frees its batch slot at the next step.
@@ -22,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,12 +38,12 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from loramix.artifacts import GGUF, MODEL, kind_of, load_adapters, load_for_generation
-from loramix.batching import BASE, Event, QueueFull, Scheduler, Sequence
+from loramix.artifacts import ADAPTER, GGUF, MODEL, RUN, adapter_on, kind_of, load_adapters, load_for_generation
 from loramix.errors import LoramixError
-from loramix.generation import Sampling
-from loramix.model import context_length, pack_linears
-from loramix.serve_api import (
+from loramix.model import context_length
+from loramix.serve.api import (
+    AdapterCard,
+    AdapterLoad,
     ChatChoice,
     ChatChunk,
     ChatChunkChoice,
@@ -58,8 +61,12 @@ from loramix.serve_api import (
     SamplingFields,
     Usage,
 )
+from loramix.serve.lora import BASE, Adapters
+from loramix.serve.packed import pack_linears
+from loramix.serve.sampler import Sampling
+from loramix.serve.scheduler import Event, QueueFull, Scheduler, Sequence
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/health", "/metrics")
 
 
 @dataclass
@@ -68,21 +75,26 @@ class Engine:
 
     scheduler: Scheduler
     tokenizer: object
-    adapters: list[str]
     max_tokens: int
     context_window: int
+    fingerprint: str | None = None  # the base's: an adapter loaded later must have been trained on it
+    served: list[str] = field(init=False)  # adapters taking requests (the event loop's view)
+
+    def __post_init__(self):
+        self.served = self.scheduler.adapters.names if self.scheduler.adapters else []
 
     @property
     def names(self) -> list[str]:
-        return self.adapters + ["base"] if self.adapters else ["model"]
+        return self.served + ["base"] if self.scheduler.adapters else ["model"]
 
     def adapter(self, name: str) -> str | None:
-        """What a row of the batch runs through: a PEFT adapter, BASE, or None (a model without adapters)."""
-        return None if not self.adapters else BASE if name == "base" else name
+        """What a row of the batch runs through: an adapter, BASE, or None (a model without adapters)."""
+        return None if not self.scheduler.adapters else BASE if name == "base" else name
 
 
 def load_engine(sources: list[Path], max_tokens: int, device: torch.device, max_batch: int = 32, max_queue: int = 64, log=print) -> Engine:
-    """One base with every adapter in `sources` (run dirs or PEFT adapter dirs on the same base), or one model dir or .gguf file.
+    """One base with every adapter in `sources` (run dirs or PEFT adapter dirs on the same base, or folders of
+    them), or one model dir or .gguf file.
 
     Raises:
         LoramixError: a limit below 1, or sources that cannot be served together.
@@ -93,13 +105,28 @@ def load_engine(sources: list[Path], max_tokens: int, device: torch.device, max_
         raise LoramixError(f"{', '.join(bad)} must be >= 1")
     sources = [Path(s) for s in sources]
     if len(sources) == 1 and kind_of(sources[0]) in (MODEL, GGUF):
-        (model, tok), names = load_for_generation(sources[0]), []
+        (model, tok), fingerprint = load_for_generation(sources[0]), None
+        model = model.to(device).eval()
     else:
-        model, tok, names = load_adapters(sources)
-    model = model.to(device).eval()
-    pack_linears(model)
+        model, tok, fingerprint = load_adapters([d for s in sources for d in _adapter_dirs(s)])
+        model = Adapters(model.to(device).eval())
+    pack_linears(model.peft if fingerprint else model)
     scheduler = Scheduler(model, tok, max_batch=max_batch, max_queue=max_queue, log=log)
-    return Engine(scheduler, tok, names, max_tokens, context_length(model.config) or 1024)
+    return Engine(scheduler, tok, max_tokens, context_length(scheduler.model.config) or 1024, fingerprint)
+
+
+def _adapter_dirs(source: Path) -> list[Path]:
+    """A run dir or adapter dir, or the ones in a folder of them (sorted by name).
+
+    Raises:
+        LoramixError: a folder holding none.
+    """
+    if kind_of(source) in (RUN, ADAPTER) or not source.is_dir():
+        return [source]
+    found = sorted(d for d in source.iterdir() if kind_of(d) in (RUN, ADAPTER))
+    if not found:
+        raise LoramixError(f"{source} is not a run dir or adapter dir and holds none; pass run dirs, adapter dirs or a folder of them")
+    return found
 
 
 class ApiError(Exception):
@@ -208,7 +235,7 @@ def start_job(served: Served, req: SamplingFields, prompts: list[str], max_token
     """
     engine = served.engine
     model = req.model or engine.names[0]
-    if engine.adapters and model not in engine.names:
+    if engine.scheduler.adapters and model not in engine.names:
         raise ApiError(404, f"model {model!r} is not served; choose one of: {', '.join(engine.names)}", "model")
     ids = [engine.tokenizer(p)["input_ids"] for p in prompts]
     if not all(ids):
@@ -300,6 +327,35 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 async def models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=name) for name in request.app.state.served.engine.names])
+
+
+async def load_adapter(body: AdapterLoad, request: Request) -> AdapterCard:
+    """Load an adapter in the scheduler's thread between two steps; the base check (which may build a base) runs
+    in a worker thread meanwhile."""
+    engine: Engine = request.app.state.served.engine
+    adapters, name = engine.scheduler.adapters, body.lora_name
+    if adapters is None:
+        raise ApiError(400, "this server runs one model without adapters; start it on run dirs or adapter dirs to load more")
+    if name in engine.names:
+        raise ApiError(400, f"an adapter named {name!r} is served already; DELETE /v1/adapters/{name} first or pick another name", "lora_name")
+    try:
+        path = await asyncio.to_thread(adapter_on, Path(body.lora_path), engine.fingerprint)
+        await asyncio.wrap_future(engine.scheduler.call(lambda: adapters.add(name, path)))
+    except LoramixError as e:
+        raise ApiError(400, str(e), "lora_path") from None
+    engine.served.append(name)
+    request.app.state.served.log(f"loaded adapter {name} from {body.lora_path}")
+    return AdapterCard(id=name)
+
+
+async def unload_adapter(name: str, request: Request) -> AdapterCard:
+    engine: Engine = request.app.state.served.engine
+    if name not in engine.served:
+        raise ApiError(404, f"no adapter {name!r} is served; GET /v1/models lists them")
+    engine.served.remove(name)  # no new request from now on; the ones in flight finish on it, then it goes
+    engine.scheduler.call(lambda: engine.scheduler.retire(name))
+    request.app.state.served.log(f"unloading adapter {name}")
+    return AdapterCard(id=name, deleted=True)
 
 
 async def health() -> dict:
@@ -395,6 +451,8 @@ def build_app(engine: Engine, log=print, max_body: int = 1 << 20) -> FastAPI:
     app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
     app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/adapters", load_adapter, methods=["POST"])
+    app.add_api_route("/v1/adapters/{name}", unload_adapter, methods=["DELETE"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
 
@@ -409,7 +467,8 @@ def build_app(engine: Engine, log=print, max_body: int = 1 << 20) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return error_response(404, f"no route {request.url.path}; use POST /v1/completions or /v1/chat/completions, GET /v1/models, /health or /metrics")
+            return error_response(404, f"no route {request.url.path}; use POST /v1/completions or /v1/chat/completions, GET /v1/models, /health or "
+                                       "/metrics, POST or DELETE /v1/adapters")
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

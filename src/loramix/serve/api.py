@@ -136,6 +136,19 @@ class ChatChunk(_Answer):
     usage: Usage | None = None
 
 
+class AdapterLoad(_Body):
+    """POST /v1/adapters, with vLLM's field names."""
+
+    lora_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    lora_path: str = Field(min_length=1)
+
+
+class AdapterCard(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
