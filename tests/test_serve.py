@@ -344,3 +344,63 @@ def test_batched_logits_equal_each_request_alone(adapter_dirs):
             one.step()
         assert single.tokens == seq.tokens
     assert len({tuple(s.tokens) for s in batched}) == len(batched)
+
+
+# ---------------------------------------------------------------- adapters loaded and unloaded while serving
+
+
+def _admin(url: str, method: str, path: str, body: dict | None = None):
+    """(status, JSON body) of an adapter route."""
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode() if body else None, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.e2e
+def test_adapters_load_and_unload_while_16_clients_stream(adapter_dirs, monkeypatch, tmp_path):
+    """16 streams on alpha run while beta is loaded (and used), a broken dir and a missing one are refused, and alpha
+    is unloaded: every stream ends with alpha's own text, alpha is then 404 and beta answers as its merged model."""
+    engine = load_engine(adapter_dirs[:1], max_tokens=32, device=torch.device("cpu"), max_batch=16, max_queue=32, log=quiet)
+    step, seqs, submit = engine.scheduler.step, [], engine.scheduler.submit
+    monkeypatch.setattr(engine.scheduler, "step", lambda: (time.sleep(0.02), step())[1])  # 32 tokens: ~1 s a stream
+    monkeypatch.setattr(engine.scheduler, "submit", lambda new: (submit(new), seqs.extend(new)))
+    expected = {}
+    for d in adapter_dirs:
+        model, tok = load_for_generation(d)
+        expected[d.name] = generate(model, tok, ["The market"], Sampling(max_new_tokens=32))[0][0]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    with running(engine, log=quiet) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        texts = [None] * 16
+
+        def stream(k):
+            chunks = list(client.completions.create(model="alpha", prompt="The market", max_tokens=32, temperature=0, stream=True))
+            texts[k] = ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason)
+
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        _wait(lambda: engine.scheduler.batch_size == 16)
+        assert _admin(srv.url, "POST", "/v1/adapters", {"lora_name": "beta", "lora_path": str(adapter_dirs[1])}) == (
+            200, {"id": "beta", "object": "adapter", "deleted": False})
+        in_flight = sum(not s.done for s in seqs if s.adapter == "alpha")
+        assert _admin(srv.url, "DELETE", "/v1/adapters/alpha")[0] == 200
+        status, error = _admin(srv.url, "POST", "/v1/adapters", {"lora_name": "gamma", "lora_path": str(tmp_path / "broken")})
+        assert status == 400 and f"{tmp_path / 'broken' / 'adapter_config.json'} is damaged" in error["error"]["message"]
+        status, error = _admin(srv.url, "POST", "/v1/adapters", {"lora_name": "gamma", "lora_path": str(tmp_path / "none")})
+        assert status == 400 and f"{tmp_path / 'none'} is neither" in error["error"]["message"]
+        assert _admin(srv.url, "POST", "/v1/adapters", {"lora_name": "beta", "lora_path": str(adapter_dirs[1])})[0] == 400  # taken
+        beta = client.completions.create(model="beta", prompt="The market", max_tokens=32, temperature=0).choices[0].text
+        with pytest.raises(openai.NotFoundError, match="model 'alpha' is not served"):
+            client.completions.create(model="alpha", prompt="x", max_tokens=4)
+        for t in threads:
+            t.join(timeout=120)
+        assert in_flight > 0 and texts == [(expected["alpha"], "length")] * 16
+        assert beta == expected["beta"] != expected["alpha"]
+        assert {m.id for m in client.models.list()} == {"beta", "base"} and _admin(srv.url, "DELETE", "/v1/adapters/alpha")[0] == 404
+        _wait(lambda: engine.scheduler.adapters.names == ["beta"])

@@ -250,10 +250,10 @@ class Adapters:
         config = self.peft.peft_config[peft_name]
         extras = [(config.bias != "none", f"bias={config.bias}"), (bool(config.modules_to_save), "modules_to_save"),
                   (bool(getattr(config, "trainable_token_indices", None)), "trainable_token_indices")]
-        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and peft_name in m.lora_A]
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and peft_name in m.r]
         for m in layers:
             variant = m.lora_variant.get(peft_name)
-            extras += [(not isinstance(m, LoraLinear | ParamWrapper), f"LoRA on a {type(m.get_base_layer()).__name__}"),
+            extras += [(not isinstance(m, LoraLinear | ParamWrapper), f"LoRA on {type(m.get_base_layer()).__name__} layers"),
                        (variant is not None and not isinstance(variant, DoraLinearVariant), f"the {type(variant).__name__} variant"),
                        (bool(getattr(m, "lora_bias", {}).get(peft_name)), "lora_bias")]
         refused = sorted({what for bad, what in extras if bad})
