@@ -7,14 +7,13 @@ import contextlib
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_families import hf_tokenizer
 
 from loramix.errors import LoramixError
 from loramix.serve.lora import BASE, Adapters
 from loramix.serve.packed import pack_linears
 from loramix.serve.sampler import Sampling
 from loramix.serve.scheduler import Scheduler, Sequence
-
-from tiny_families import hf_tokenizer
 
 LLAMA = {  # name -> PEFT config: every rank, alpha and target set differs
     "q4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
