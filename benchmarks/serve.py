@@ -1,26 +1,32 @@
-"""`loramix serve` under concurrent clients, against the same requests sent one at a time.
+"""`loramix serve` under concurrent clients and many adapters, against the same requests sent one at a time.
 
-    python benchmarks/serve.py            # ~3 minutes on 2 CPU cores
+    python benchmarks/serve.py                      # the tiny model, ~6 minutes on 2 CPU cores
+    python benchmarks/serve.py --shape smollm2      # SmolLM2-135M's shape (random weights), ~8 minutes
 
-A random-init GPT-2 (GPT-2's real vocabulary) is saved as a model dir, two LoRA adapters of it (random,
-non-zero B) as stock PEFT adapter dirs; `loramix serve` runs on both in its own process (`--max-batch 16
---max-queue 16`, one torch thread by default). Clients (threads, one HTTP request at a time each) send
-completions spread over the two adapters, half greedy, half seeded top-k sampling, `max_tokens` fixed (top-p
-is left out: a random-init model's flat distribution makes its nucleus the whole vocabulary, a full sort per
-row that no trained model needs). Concurrency 1 is one-at-a-time serving; 4 and 16 send the same requests;
-64 sends twice as many, more than batch plus queue hold, so the excess gets 429 (a client then moves on to
-its next request). The levels run in turn `--repeats` times, so that each ratio compares runs a minute apart
-on a CPU whose speed drifts (other work, its caches): reported per level are the medians over the repeats of
-completion tokens/s, of tokens/s relative to concurrency 1 in the same repeat (with the lowest and highest),
-and of the p50/p95 latency of the answered requests; requests answered, 429s and failures are totals. Prints a
-table, writes JSON (every repeat) and replaces this benchmark's section of benchmarks/RESULTS.md.
+A random-init base (GPT-2's real vocabulary) is saved as a model dir, 32 LoRA adapters of it (loramix's default
+LoRA, random non-zero B, each its own) as stock PEFT adapter dirs. Two servers run in turn, each in its own
+process (`--max-batch 16 --max-queue 16`, one torch thread by default): one on 2 of the adapters, one on all 32.
+Clients (threads, one streamed HTTP request at a time each) send completions, half greedy, half seeded top-k
+sampling, `max_tokens` fixed (top-p is left out: a random-init model's flat distribution makes its nucleus the
+whole vocabulary, a full sort per row that no trained model needs).
+
+- over 2 adapters (the 2-adapter server): 1 client (one-at-a-time serving), 4, 16 and 64 (twice the requests,
+  more than batch plus queue hold: the excess gets 429 and its client moves on);
+- 16 clients on the 32-adapter server, the requests spread over 1, 2, 8 and 32 distinct adapters.
+
+The levels run in turn `--repeats` times, so that each ratio compares runs a minute apart; reported are medians over the repeats of
+completion tokens/s, of tokens/s relative to one client in the same repeat, and of the p50/p95 latency and time
+to first text of the answered requests; answered, 429s and failures are totals. Prints a table, writes JSON (every
+repeat) and replaces this benchmark's section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -35,58 +41,86 @@ from pathlib import Path
 from speed import environment
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = ("news", "stories")
 WORDS = ("the", "market", "rallied", "after", "a", "long", "winter", "while", "the", "old", "captain", "told", "stories", "of", "distant",
          "harbours", "and", "bright")
+SHAPES = {  # the model: a GPT-2 of `--layers/--width/--heads`, or SmolLM2-135M's Llama shape (vocabulary 49,152 < GPT-2's ids of the prompts)
+    "tiny": None,
+    "smollm2": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+                "rms_norm_eps": 1e-5, "rope_theta": 100000.0},
+}
 
 
-def build(work: Path, spec: dict) -> list[Path]:
-    """A random-init base saved as a model dir, and two adapters on it saved as PEFT adapter dirs."""
+def build(work: Path, spec: dict, n: int = 32) -> list[Path]:
+    """A random-init base saved as a model dir, and `n` adapters of it saved as PEFT adapter dirs (a00, a01, ...)."""
     import torch
+    from safetensors.torch import load_file, save_file
 
     from loramix.config import load_config
     from loramix.model import attach_lora, load_base_model, load_tokenizer
 
-    cfg = load_config(None, ["model.init=random", f"model.n_layer={spec['layers']}", f"model.n_embd={spec['width']}", f"model.n_head={spec['heads']}"])
     base_dir = work / "base"
+    shape = SHAPES[spec["shape"]]
+    if shape:
+        from transformers import AutoConfig
+
+        AutoConfig.for_model(**shape).save_pretrained(base_dir)
+        cfg = load_config(None, ["model.init=random", f"model.name={base_dir}"])
+    else:
+        cfg = load_config(None, ["model.init=random", f"model.n_layer={spec['layers']}", f"model.n_embd={spec['width']}", f"model.n_head={spec['heads']}"])
     load_base_model(cfg.model, 1024).save_pretrained(base_dir)
-    load_tokenizer(cfg.model).save_pretrained(base_dir)
+    load_tokenizer(load_config(None, []).model).save_pretrained(base_dir)
     cfg = load_config(None, [f"model.name={base_dir}"])
+    first = work / "a00"
+    attach_lora(load_base_model(cfg.model, 1024), cfg.lora, 0).save_pretrained(first)
+    weights = load_file(first / "adapter_model.safetensors")
     dirs = []
-    for seed, name in enumerate(ADAPTERS):
-        model = attach_lora(load_base_model(cfg.model, 1024), cfg.lora, seed)
-        gen = torch.Generator().manual_seed(seed)
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:  # a fresh adapter is the identity (B = 0): make the two differ from the base and each other
-                p.data = torch.randn(p.shape, generator=gen) * 0.05
-        model.save_pretrained(work / name)
-        dirs.append(work / name)
+    for k in range(n):  # a fresh adapter is the identity (B = 0): make each differ from the base and the others
+        gen = torch.Generator().manual_seed(k)
+        path = work / f"a{k:02d}"
+        if k:
+            shutil.copytree(first, path)
+        save_file({name: torch.randn(w.shape, generator=gen) * 0.05 if "lora_B" in name else w for name, w in weights.items()},
+                  path / "adapter_model.safetensors", metadata={"format": "pt"})
+        dirs.append(path)
     return dirs
 
 
-def requests(n: int, max_tokens: int) -> list[dict]:
-    """n completions spread over the adapters, prompts of 3-14 words; greedy and seeded top-k sampling in turn
-    (each adapter gets both)."""
+def requests(n: int, max_tokens: int, distinct: int) -> list[dict]:
+    """n streamed completions, request k on adapter k % distinct, prompts of 3-14 words; greedy and seeded top-k
+    sampling in turn."""
     sampled = {"temperature": 0.8, "top_k": 50}
-    return [{"model": ADAPTERS[k % 2], "prompt": " ".join(WORDS[k % 7 : k % 7 + 3 + k % 12]), "max_tokens": max_tokens, "seed": k,
-             **(sampled if k % 4 >= 2 else {"temperature": 0})} for k in range(n)]
+    return [{"model": f"a{k % distinct:02d}", "prompt": " ".join(WORDS[k % 7 : k % 7 + 3 + k % 12]), "max_tokens": max_tokens, "seed": k,
+             "stream": True, "stream_options": {"include_usage": True}, **(sampled if k % 4 >= 2 else {"temperature": 0})} for k in range(n)]
 
 
-def post(url: str, body: dict) -> tuple[int, float, int]:
-    """(HTTP status, seconds, completion tokens)."""
-    start = time.perf_counter()
+def post(url: str, body: dict) -> tuple[int, float, float | None, int]:
+    """(HTTP status, seconds, seconds to the first text, completion tokens) of one streamed completion."""
+    start, first, tokens = time.perf_counter(), None, 0
     request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=600) as r:
-            tokens = json.loads(r.read())["usage"]["completion_tokens"]
-            return r.status, time.perf_counter() - start, tokens
+            for line in r:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+            return r.status, time.perf_counter() - start, first, tokens
     except urllib.error.HTTPError as e:
-        return e.code, time.perf_counter() - start, 0
+        return e.code, time.perf_counter() - start, None, 0
     except OSError:
-        return -1, time.perf_counter() - start, 0
+        return -1, time.perf_counter() - start, None, 0
 
 
-def level(url: str, bodies: list[dict], clients: int) -> dict:
+def _percentile(values: list[float], q: float) -> float | None:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def level(url: str, bodies: list[dict], clients: int, distinct: int) -> dict:
     """Send `bodies` from `clients` threads, each taking the next body when its last answer came."""
     results, lock, todo = [], threading.Lock(), list(reversed(bodies))
 
@@ -107,12 +141,13 @@ def level(url: str, bodies: list[dict], clients: int) -> dict:
     for t in threads:
         t.join()
     seconds = time.perf_counter() - start
-    ok = sorted(s for status, s, _ in results if status == 200)
-    tokens = sum(n for status, _, n in results if status == 200)
-    return {"clients": clients, "requests": len(bodies), "answered": len(ok), "rejected_429": sum(status == 429 for status, _, _ in results),
-            "failed": sum(status not in (200, 429) for status, _, _ in results), "seconds": seconds, "completion_tokens": tokens,
-            "tokens_per_s": tokens / seconds, "p50_s": statistics.median(ok) if ok else None,
-            "p95_s": ok[min(len(ok) - 1, int(0.95 * len(ok)))] if ok else None}
+    ok = [r for r in results if r[0] == 200]
+    latency, ttft = [r[1] for r in ok], [r[2] for r in ok if r[2] is not None]
+    tokens = sum(r[3] for r in ok)
+    return {"clients": clients, "distinct": distinct, "requests": len(bodies), "answered": len(ok), "rejected_429": sum(r[0] == 429 for r in results),
+            "failed": sum(r[0] not in (200, 429) for r in results), "seconds": seconds, "completion_tokens": tokens,
+            "tokens_per_s": tokens / seconds, "p50_s": _percentile(latency, 0.5), "p95_s": _percentile(latency, 0.95),
+            "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95)}
 
 
 def start_server(dirs: list[Path], spec: dict) -> tuple[subprocess.Popen, str]:
@@ -124,7 +159,7 @@ def start_server(dirs: list[Path], spec: dict) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(spec["threads"])} if spec["threads"] else {})}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2).read()
@@ -135,57 +170,87 @@ def start_server(dirs: list[Path], spec: dict) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def serving(dirs: list[Path], spec: dict):
+    proc, url = start_server(dirs, spec)
+    try:
+        level(url, requests(4, spec["max_tokens"], 2), 4, 2)  # warm-up
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def summary(runs: list[list[dict]]) -> list[dict]:
-    """Per level, over the repeats: medians of tokens/s, of the ratio to concurrency 1 in the same repeat and of
-    the latencies; the lowest and highest ratio; totals of the counts."""
+    """Per level, over the repeats: medians of tokens/s, of the ratio to one client in the same repeat and of the
+    latencies; the lowest and highest ratio; totals of the counts."""
     out = []
     for rows in zip(*runs):
         ratios = [r["tokens_per_s"] / run[0]["tokens_per_s"] for r, run in zip(rows, runs)]
-        out.append({"clients": rows[0]["clients"], **{k: sum(r[k] for r in rows) for k in ("requests", "answered", "rejected_429", "failed")},
-                    **{k: statistics.median(r[k] for r in rows) for k in ("tokens_per_s", "p50_s", "p95_s")},
-                    "vs_one": statistics.median(ratios), "vs_one_range": [min(ratios), max(ratios)]})
+        out.append({k: rows[0][k] for k in ("loaded", "clients", "distinct")}
+                   | {k: sum(r[k] for r in rows) for k in ("requests", "answered", "rejected_429", "failed")}
+                   | {k: statistics.median(r[k] for r in rows) for k in ("tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s")}
+                   | {"vs_one": statistics.median(ratios), "vs_one_range": [min(ratios), max(ratios)]})
     return out
 
 
+def describe(spec: dict) -> str:
+    model = ("SmolLM2-135M's shape (Llama, 30 layers x 576, 9 heads, 3 key-value heads, MLP 1,536, vocabulary 49,152, tied head)"
+             if spec["shape"] == "smollm2" else f"GPT-2 architecture, {spec['layers']} layers, width {spec['width']}, GPT-2 vocabulary")
+    return (f"model: {model}, random init; loramix's default LoRA (r=8) on every adapter, each with its own random B; max_tokens"
+            f" {spec['max_tokens']}, half greedy, half seeded sampling (temperature 0.8, top_k 50), streamed; server --max-batch"
+            f" {spec['max_batch']} --max-queue {spec['max_queue']}, {spec['threads'] or 'default'} torch thread(s); {spec['repeats']} repeat(s) of every level")
+
+
 def table(spec: dict, rows: list[dict]) -> str:
-    about = (f"model: GPT-2 architecture, {spec['layers']} layers, width {spec['width']}, random init, GPT-2 vocabulary; 2 LoRA adapters"
-             f" (loramix's default LoRA on c_attn and c_proj), requests alternating between them; max_tokens {spec['max_tokens']},"
-             f" half greedy, half seeded sampling (temperature 0.8, top_k 50); server --max-batch {spec['max_batch']}"
-             f" --max-queue {spec['max_queue']}, {spec['threads'] or 'default'} torch thread(s); {spec['repeats']} repeats of every level")
-    lines = [about, "",
-             "| concurrent clients | requests | answered | 429 | failed | completion tokens/s | vs one at a time (lowest-highest) | p50 latency s | p95 "
-             "latency s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [describe(spec), "",
+             "| adapters loaded | clients | distinct adapters | requests | answered | 429 | failed | completion tokens/s | vs one client (lowest-highest) |"
+             " p50 / p95 latency s | p50 / p95 time to first text s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         low, high = r["vs_one_range"]
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['answered']} | {r['rejected_429']} | {r['failed']} | {r['tokens_per_s']:,.0f} |"
-                     f" {r['vs_one']:.1f}x ({low:.1f}-{high:.1f}) | {r['p50_s']:.2f} | {r['p95_s']:.2f} |")
-    by = {r["clients"]: r for r in rows}
-    if 16 in by and 64 in by:
-        summary = (f"At 16 clients: {by[16]['vs_one']:.1f}x the completion tokens/s of one-at-a-time serving (median of {spec['repeats']}), {by[16]['failed']}"
-                   f" failed. At 64 clients: {by[64]['answered']} admitted and answered, {by[64]['rejected_429']} turned away with 429,"
-                   f" {by[64]['failed']} failed.")
-        lines += ["", summary]
+        lines.append(f"| {r['loaded']} | {r['clients']} | {r['distinct']} | {r['requests']} | {r['answered']} | {r['rejected_429']} | {r['failed']} |"
+                     f" {r['tokens_per_s']:,.0f} | {r['vs_one']:.1f}x ({low:.1f}-{high:.1f}) | {r['p50_s']:.2f} / {r['p95_s']:.2f} |"
+                     f" {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} |")
+    by = {(r["loaded"], r["clients"], r["distinct"]): r for r in rows}
+    two, many = by[2, 16, 2], {d: by[32, 16, d] for d in (1, 2, 8, 32)}
+    lines += ["", f"At 16 clients on two adapters: {two['vs_one']:.1f}x the completion tokens/s of one-at-a-time serving. 16 clients over 8"
+              f" distinct adapters: {many[8]['tokens_per_s'] / many[1]['tokens_per_s']:.2f}x the tokens/s of the same load on one adapter (32:"
+              f" {many[32]['tokens_per_s'] / many[1]['tokens_per_s']:.2f}x). Two adapters in use with 32 loaded: "
+              f"{many[2]['tokens_per_s'] / two['tokens_per_s']:.2f}x the tokens/s with only those 2 loaded. At 64 clients:"
+              f" {by[2, 64, 2]['answered']} admitted and answered, {by[2, 64, 2]['rejected_429']} turned away with 429,"
+              f" {sum(r['failed'] for r in rows)} failed in all."]
     return "\n".join(lines)
 
 
-def replace_section(path: Path, key: str, env: dict, text: str) -> None:
+def replace_section(path: Path, key: str, title: str, env: dict, command: str, text: str) -> None:
     """This benchmark's newest table in RESULTS.md, between its markers."""
-    body = (f"<!-- {key} -->\n## Serving: concurrent clients over two adapters\n\nMeasured {env['date']}: {env['cpu']}, {env['cores']} cores,"
-            f" shared with other work; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}."
-            f" Command: `python benchmarks/serve.py`.\n\n{text}\n<!-- /{key} -->")
+    body = (f"<!-- {key} -->\n## {title}\n\nMeasured {env['date']}: {env['cpu']}, {env['cores']} cores,"
+            f" nothing else running; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}."
+            f" Command: `{command}`.\n\n{text}\n<!-- /{key} -->")
     old, closing = path.read_text(), f"<!-- /{key} -->"
     start, end = old.find(f"<!-- {key} -->"), old.find(closing)
     path.write_text(old[:start] + body + old[end + len(closing) :] if start >= 0 and end >= 0 else old.rstrip() + "\n\n" + body + "\n")
 
 
+def repeat(dirs: list[Path], spec: dict) -> list[dict]:
+    """One run of every level: the 2-adapter server's client counts, then the 32-adapter server's spreads."""
+    n, tokens, rows = spec["requests"], spec["max_tokens"], []
+    with serving(dirs[:2], spec) as url:
+        rows += [{"loaded": 2, **level(url, requests(n * (2 if c == 64 else 1), tokens, 2), c, 2)} for c in (1, 4, 16, 64)]
+    with serving(dirs, spec) as url:
+        rows += [{"loaded": len(dirs), **level(url, requests(n, tokens, d), 16, d)} for d in (1, 2, 8, 32)]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--layers", type=int, default=2, help="the tiny GPT-2's size")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=64, help="requests at concurrency 1, 4 and 16 (twice as many at 64)")
+    ap.add_argument("--requests", type=int, default=64, help="requests per level (twice as many at 64 clients)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--device", default="cpu")
@@ -193,27 +258,26 @@ def main() -> None:
                     help="the server's torch threads (0: torch's default); 1 leaves the other core of 2 to the HTTP loop and the clients"
                          " (torch's default of 2 measured ~35%% fewer tokens/s at 16 clients)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every level, in turn; medians are reported")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serve.json"))
+    ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/serve.json, serve-smollm2.json for --shape smollm2)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="markdown file whose section to replace ('' for none)")
     args = ap.parse_args()
-    spec = {k: getattr(args, k) for k in ("layers", "width", "heads", "max_tokens", "requests", "max_batch", "max_queue", "device", "threads", "repeats")}
+    spec = {k: getattr(args, k) for k in ("shape", "layers", "width", "heads", "max_tokens", "requests", "max_batch", "max_queue", "device", "threads",
+                                          "repeats")}
     with tempfile.TemporaryDirectory() as work:
-        proc, url = start_server(build(Path(work), spec), spec)
-        try:
-            level(url, requests(4, spec["max_tokens"]), 4)  # warm-up
-            runs = [[level(url, requests(spec["requests"] * (2 if c == 64 else 1), spec["max_tokens"]), c) for c in (1, 4, 16, 64)]
-                    for _ in range(spec["repeats"])]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        dirs = build(Path(work), spec)
+        runs = [repeat(dirs, spec) for _ in range(spec["repeats"])]
     env = environment(spec)
     rows = summary(runs)
     text = table(spec, rows)
     print(text)
-    Path(args.out).write_text(json.dumps({"spec": spec, "environment": env, "results": rows, "repeats": runs}, indent=2) + "\n")
+    suffix = "" if args.shape == "tiny" else f"-{args.shape}"
+    out = Path(args.out or ROOT / "benchmarks" / f"serve{suffix}.json")
+    out.write_text(json.dumps({"spec": spec, "environment": env, "results": rows, "repeats": runs}, indent=2) + "\n")
     if args.results:
-        replace_section(Path(args.results), f"serve-{args.device.split(':')[0]}", env, text)
-    print(f"wrote {args.out}")
+        title = f"Serving: concurrent clients and many adapters ({'the tiny model' if args.shape == 'tiny' else 'SmolLM2-135M shape'})"
+        command = " ".join(["python benchmarks/serve.py", *sys.argv[1:]])
+        replace_section(Path(args.results), f"serve{suffix}-{args.device.split(':')[0]}", title, env, command, text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,12 @@ def test_adapters_come_and_go_between_steps(adapters, tmp_path):
     _check(stock, seen)
     served.add(names[1], dirs[names[1]])  # the name is free again
     _check(stock, _run(scheduler, _seqs([names[1], names[0]])))
+    for name in names[:2]:  # none left, then one again
+        scheduler.retire(name)
+    assert served.names == []
+    served.add(names[0], dirs[names[0]])
+    _check(stock, _run(scheduler, _seqs([BASE, names[0]])))
+    assert list(served.peft.peft_config) == [f"{names[0]}#4"]
 
 
 @pytest.mark.unit

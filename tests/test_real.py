@@ -101,7 +101,9 @@ def test_loss_equals_the_stock_loss_on_english(base):
                 ids = torch.tensor(seg.tokens[None].astype(np.int64))
                 stock = lora(input_ids=ids, labels=ids).loss
                 ours = packed[start : start + len(seg.tokens) - 1].mean()
-                torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+                # float noise over 30 layers, SDPA with a 4D mask against causal: 1.8e-5 on one EPYC; attention leaking
+                # across the packed documents moves it by 1e-2 and more
+                torch.testing.assert_close(ours, stock, rtol=0, atol=5e-5)
                 assert 1.0 < stock.item() < 6.0  # a real model on one English sentence (random weights: ~10.8)
                 start += len(seg.tokens)
     finally:

@@ -204,15 +204,19 @@ class Adapters:
             self._take(name, peft_name)
         except Exception as e:
             if peft_name in self.peft.peft_config:
+                self.peft.base_model.set_adapter(next(n for n in self.peft.peft_config if n != peft_name))
                 self.peft.delete_adapter(peft_name)
-                self.peft.base_model.set_adapter(next(iter(self.peft.peft_config)))
+                self._after_peft_change()
             if isinstance(e, LoramixError):
                 raise
             raise LoramixError(f"cannot load the adapter in {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
                                "pass a PEFT LoRA adapter dir trained on this base") from e
-        for stale in self._stale:
-            self.peft.delete_adapter(stale)
-        self._stale.clear()
+        if self._stale:
+            self.peft.base_model.set_adapter(peft_name)
+            for stale in self._stale:
+                self.peft.delete_adapter(stale)
+            self._stale.clear()
+            self._after_peft_change()
         self.mixes = self._mixes()
 
     def remove(self, name: str) -> None:
@@ -221,9 +225,11 @@ class Adapters:
         peft_name = self._peft_names.pop(slot)
         for layer in self._layers.values():
             layer.adapters.pop(slot, None)
-        if len(self.peft.peft_config) > 1:
+        others = [n for n in self.peft.peft_config if n != peft_name]
+        if others:
+            self.peft.base_model.set_adapter(others[0])  # PEFT's active one must not be the one deleted
             self.peft.delete_adapter(peft_name)
-            self.peft.base_model.set_adapter(next(iter(self.peft.peft_config)))
+            self._after_peft_change()
         else:
             self._stale.append(peft_name)
         self.version += 1
@@ -271,6 +277,12 @@ class Adapters:
             m.enable_adapters(False)  # PEFT's own LoRA compute: the hook adds it instead
         self.slots[name], self._peft_names[slot] = slot, peft_name
         self.version += 1
+
+    def _after_peft_change(self) -> None:
+        """PEFT's own LoRA compute off again and its expert layers' adapter unknown, after PEFT switched adapters."""
+        for layer in self._layers.values():
+            layer.layer.enable_adapters(False)
+        self._expert_slot = None
 
     def _route_experts(self, route: Route) -> None:
         """PEFT's expert path with the rows' one adapter active (or none), set only when it changes."""
