@@ -6,12 +6,13 @@
 A random-init base (GPT-2's real vocabulary) is saved as a model dir, 32 LoRA adapters of it (loramix's default
 LoRA, random non-zero B, each its own) as stock PEFT adapter dirs. Two servers run in turn, each in its own
 process (`--max-batch 16 --max-queue 16`, one torch thread by default): one on 2 of the adapters, one on all 32.
-Clients (threads, one streamed HTTP request at a time each) send completions, half greedy, half seeded top-k
-sampling, `max_tokens` fixed (top-p is left out: a random-init model's flat distribution makes its nucleus the
+Clients (threads, one HTTP request at a time each) send completions, half greedy, half seeded top-k sampling,
+`max_tokens` fixed (top-p is left out: a random-init model's flat distribution makes its nucleus the
 whole vocabulary, a full sort per row that no trained model needs).
 
 - over 2 adapters (the 2-adapter server): 1 client (one-at-a-time serving), 4, 16 and 64 (twice the requests,
-  more than batch plus queue hold: the excess gets 429 and its client moves on);
+  more than batch plus queue hold: the excess gets 429 and its client moves on); then 1 and 16 clients streaming
+  (server-sent events, a chunk per token), which gives the time to first text;
 - 16 clients on the 32-adapter server, the requests spread over 1, 2, 8 and 32 distinct adapters.
 
 The levels run in turn `--repeats` times, so that each ratio compares runs a minute apart; reported are medians over the repeats of
@@ -86,20 +87,22 @@ def build(work: Path, spec: dict, n: int = 32) -> list[Path]:
     return dirs
 
 
-def requests(n: int, max_tokens: int, distinct: int) -> list[dict]:
-    """n streamed completions, request k on adapter k % distinct, prompts of 3-14 words; greedy and seeded top-k
-    sampling in turn."""
+def requests(n: int, max_tokens: int, distinct: int, stream: bool = False) -> list[dict]:
+    """n completions, request k on adapter k % distinct, prompts of 3-14 words; greedy and seeded top-k sampling in turn."""
     sampled = {"temperature": 0.8, "top_k": 50}
+    streamed = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
     return [{"model": f"a{k % distinct:02d}", "prompt": " ".join(WORDS[k % 7 : k % 7 + 3 + k % 12]), "max_tokens": max_tokens, "seed": k,
-             "stream": True, "stream_options": {"include_usage": True}, **(sampled if k % 4 >= 2 else {"temperature": 0})} for k in range(n)]
+             **streamed, **(sampled if k % 4 >= 2 else {"temperature": 0})} for k in range(n)]
 
 
 def post(url: str, body: dict) -> tuple[int, float, float | None, int]:
-    """(HTTP status, seconds, seconds to the first text, completion tokens) of one streamed completion."""
+    """(HTTP status, seconds, seconds to the first text (streamed), completion tokens) of one completion."""
     start, first, tokens = time.perf_counter(), None, 0
     request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=600) as r:
+            if not body.get("stream"):
+                return r.status, time.perf_counter() - start, None, json.loads(r.read())["usage"]["completion_tokens"]
             for line in r:
                 if not line.startswith(b"data: {"):
                     continue
@@ -144,7 +147,8 @@ def level(url: str, bodies: list[dict], clients: int, distinct: int) -> dict:
     ok = [r for r in results if r[0] == 200]
     latency, ttft = [r[1] for r in ok], [r[2] for r in ok if r[2] is not None]
     tokens = sum(r[3] for r in ok)
-    return {"clients": clients, "distinct": distinct, "requests": len(bodies), "answered": len(ok), "rejected_429": sum(r[0] == 429 for r in results),
+    return {"clients": clients, "distinct": distinct, "streamed": bool(bodies[0].get("stream")), "requests": len(bodies), "answered": len(ok),
+            "rejected_429": sum(r[0] == 429 for r in results),
             "failed": sum(r[0] not in (200, 429) for r in results), "seconds": seconds, "completion_tokens": tokens,
             "tokens_per_s": tokens / seconds, "p50_s": _percentile(latency, 0.5), "p95_s": _percentile(latency, 0.95),
             "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95)}
@@ -187,9 +191,10 @@ def summary(runs: list[list[dict]]) -> list[dict]:
     out = []
     for rows in zip(*runs):
         ratios = [r["tokens_per_s"] / run[0]["tokens_per_s"] for r, run in zip(rows, runs)]
-        out.append({k: rows[0][k] for k in ("loaded", "clients", "distinct")}
+        out.append({k: rows[0][k] for k in ("loaded", "clients", "distinct", "streamed")}
                    | {k: sum(r[k] for r in rows) for k in ("requests", "answered", "rejected_429", "failed")}
-                   | {k: statistics.median(r[k] for r in rows) for k in ("tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s")}
+                   | {k: statistics.median(r[k] for r in rows) for k in ("tokens_per_s", "p50_s", "p95_s")}
+                   | {k: statistics.median(r[k] for r in rows) if rows[0][k] is not None else None for k in ("ttft_p50_s", "ttft_p95_s")}
                    | {"vs_one": statistics.median(ratios), "vs_one_range": [min(ratios), max(ratios)]})
     return out
 
@@ -198,27 +203,32 @@ def describe(spec: dict) -> str:
     model = ("SmolLM2-135M's shape (Llama, 30 layers x 576, 9 heads, 3 key-value heads, MLP 1,536, vocabulary 49,152, tied head)"
              if spec["shape"] == "smollm2" else f"GPT-2 architecture, {spec['layers']} layers, width {spec['width']}, GPT-2 vocabulary")
     return (f"model: {model}, random init; loramix's default LoRA (r=8) on every adapter, each with its own random B; max_tokens"
-            f" {spec['max_tokens']}, half greedy, half seeded sampling (temperature 0.8, top_k 50), streamed; server --max-batch"
+            f" {spec['max_tokens']}, half greedy, half seeded sampling (temperature 0.8, top_k 50); server --max-batch"
             f" {spec['max_batch']} --max-queue {spec['max_queue']}, {spec['threads'] or 'default'} torch thread(s); {spec['repeats']} repeat(s) of every level")
 
 
 def table(spec: dict, rows: list[dict]) -> str:
     lines = [describe(spec), "",
-             "| adapters loaded | clients | distinct adapters | requests | answered | 429 | failed | completion tokens/s | vs one client (lowest-highest) |"
+             "| adapters loaded | clients | distinct adapters | streamed | requests | answered | 429 | failed | completion tokens/s |"
+             " vs one client (lowest-highest) |"
              " p50 / p95 latency s | p50 / p95 time to first text s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         low, high = r["vs_one_range"]
-        lines.append(f"| {r['loaded']} | {r['clients']} | {r['distinct']} | {r['requests']} | {r['answered']} | {r['rejected_429']} | {r['failed']} |"
+        ttft = f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f}" if r["streamed"] else "-"
+        lines.append(f"| {r['loaded']} | {r['clients']} | {r['distinct']} | {'yes' if r['streamed'] else 'no'} | {r['requests']} | {r['answered']} |"
+                     f" {r['rejected_429']} | {r['failed']} |"
                      f" {r['tokens_per_s']:,.0f} | {r['vs_one']:.1f}x ({low:.1f}-{high:.1f}) | {r['p50_s']:.2f} / {r['p95_s']:.2f} |"
-                     f" {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} |")
-    by = {(r["loaded"], r["clients"], r["distinct"]): r for r in rows}
-    two, many = by[2, 16, 2], {d: by[32, 16, d] for d in (1, 2, 8, 32)}
-    lines += ["", f"At 16 clients on two adapters: {two['vs_one']:.1f}x the completion tokens/s of one-at-a-time serving. 16 clients over 8"
+                     f" {ttft} |")
+    by = {(r["loaded"], r["clients"], r["distinct"], r["streamed"]): r for r in rows}
+    two, many = by[2, 16, 2, False], {d: by[32, 16, d, False] for d in (1, 2, 8, 32)}
+    streamed = by[2, 16, 2, True]["tokens_per_s"] / by[2, 1, 2, True]["tokens_per_s"]
+    lines += ["", f"At 16 clients on two adapters: {two['vs_one']:.1f}x the completion tokens/s of one-at-a-time serving ({streamed:.1f}x"
+              f" streamed, against one client streaming). 16 clients over 8"
               f" distinct adapters: {many[8]['tokens_per_s'] / many[1]['tokens_per_s']:.2f}x the tokens/s of the same load on one adapter (32:"
               f" {many[32]['tokens_per_s'] / many[1]['tokens_per_s']:.2f}x). Two adapters in use with 32 loaded: "
               f"{many[2]['tokens_per_s'] / two['tokens_per_s']:.2f}x the tokens/s with only those 2 loaded. At 64 clients:"
-              f" {by[2, 64, 2]['answered']} admitted and answered, {by[2, 64, 2]['rejected_429']} turned away with 429,"
+              f" {by[2, 64, 2, False]['answered']} admitted and answered, {by[2, 64, 2, False]['rejected_429']} turned away with 429,"
               f" {sum(r['failed'] for r in rows)} failed in all."]
     return "\n".join(lines)
 
@@ -238,6 +248,7 @@ def repeat(dirs: list[Path], spec: dict) -> list[dict]:
     n, tokens, rows = spec["requests"], spec["max_tokens"], []
     with serving(dirs[:2], spec) as url:
         rows += [{"loaded": 2, **level(url, requests(n * (2 if c == 64 else 1), tokens, 2), c, 2)} for c in (1, 4, 16, 64)]
+        rows += [{"loaded": 2, **level(url, requests(n, tokens, 2, stream=True), c, 2)} for c in (1, 16)]
     with serving(dirs, spec) as url:
         rows += [{"loaded": len(dirs), **level(url, requests(n, tokens, d), 16, d)} for d in (1, 2, 8, 32)]
     return rows

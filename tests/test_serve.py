@@ -16,6 +16,7 @@ import torch
 
 from loramix.artifacts import load_adapters, load_for_generation
 from loramix.config import load_config
+from loramix.errors import LoramixError
 from loramix.generation import generate
 from loramix.serve import scheduler as sched
 from loramix.serve.http import load_engine, running
@@ -404,3 +405,11 @@ def test_adapters_load_and_unload_while_16_clients_stream(adapter_dirs, monkeypa
         assert beta == expected["beta"] != expected["alpha"]
         assert {m.id for m in client.models.list()} == {"beta", "base"} and _admin(srv.url, "DELETE", "/v1/adapters/alpha")[0] == 404
         _wait(lambda: engine.scheduler.adapters.names == ["beta"])
+
+
+@pytest.mark.e2e
+def test_a_folder_of_runs_serves_them_all(adapter_dirs, tmp_path):
+    engine = load_engine([adapter_dirs[0].parent], max_tokens=8, device=torch.device("cpu"), log=quiet)
+    assert engine.names == ["alpha", "beta", "base"] and engine.scheduler.mixes
+    with pytest.raises(LoramixError, match=f"{tmp_path} is not a run dir or adapter dir and holds none"):
+        load_engine([tmp_path], max_tokens=8, device=torch.device("cpu"), log=quiet)

@@ -110,8 +110,8 @@ def load_engine(sources: list[Path], max_tokens: int, device: torch.device, max_
     else:
         model, tok, fingerprint = load_adapters([d for s in sources for d in _adapter_dirs(s)])
         model = Adapters(model.to(device).eval())
-    pack_linears(model.peft if fingerprint else model)
     scheduler = Scheduler(model, tok, max_batch=max_batch, max_queue=max_queue, log=log)
+    pack_linears(scheduler.model)
     return Engine(scheduler, tok, max_tokens, context_length(scheduler.model.config) or 1024, fingerprint)
 
 
