@@ -98,7 +98,10 @@ def _seqs(names: list[str], tokens: int = 6) -> list[Sequence]:
 
 
 @pytest.mark.parity
-def test_every_row_gets_its_adapters_logits_in_one_batch(adapters):
+@pytest.mark.parametrize("grouped_above", [48, 0], ids=["side-by-side", "grouped"])
+def test_every_row_gets_its_adapters_logits_in_one_batch(adapters, grouped_above, monkeypatch):
+    """Both kernels of a mixed batch: the adapters' A and B side by side (these few ranks), and grouped by adapter."""
+    monkeypatch.setattr("loramix.serve.lora._GROUPED_ABOVE", grouped_above)
     kind, dirs = adapters
     stock, served = _stock(kind, dirs), Adapters(_stock(kind, dirs))
     assert served.mixes and sorted(served.names) == sorted(dirs)

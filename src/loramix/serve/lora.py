@@ -3,22 +3,29 @@
 PEFT loads the adapters: the format, and what a config means (ranks, alphas, rsLoRA, DoRA, rank and alpha
 patterns). Serving computes them its own way. PEFT's mixed batches (`adapter_names=`) loop in Python over a
 batch's distinct adapters, index each one's rows, run two matmuls and scatter back, so the cost grows with every
-adapter in the batch. Here each adapted linear layer adds to its base output y = base(x), with x's tokens as rows:
+adapter in the batch. Here each adapted linear layer adds to its base output y = base(x), with x's tokens as rows,
+in one of three ways:
 
-    stacked:   delta = ((x @ A.T) * own) @ B.T                       decode, and prefill using <= 64 ranks in all
-    segments:  delta[tokens of a] = x[tokens of a] @ A_a.T @ B_a.T    prefill using more ranks, one pair per adapter
+    one adapter:   delta = x @ A.T @ B.T                                 every row through the same adapter
+    side by side:  delta = ((x @ A.T) * own) @ B.T                       mixed, <= 48 ranks in use in the layer
+    grouped:       delta[tokens of a] = bmm(x[tokens of a], A_a.T, B_a.T)  mixed, more ranks
 
-A (R, in) and B (out, R) stack the A and B of the adapters the batch uses, each at its own rank (R in all, no
-padding), B with its adapter's scale folded in; `own` (tokens, R) keeps each token's own adapter's columns
-(none for a base row). DoRA folds its magnitude over the norm of W + scale BA into B too, and adds (that factor
-- 1) * (y - bias). A token is a row of x flattened, so a layer that sees the batch folded into its tokens (OPT's
-MLP) is served like any other. Stacks are built when the set of adapters in use changes (rows come and go), from
-those adapters only: 32 loaded cost what the 2 in use cost.
+Side by side, A (R, in) and B (out, R) hold the A and B of the adapters in use, each at its own rank (R in all), and
+`own` (tokens, R) keeps each token's own adapter's columns (none for a base row): two matmuls, whose cost grows
+with R. Grouped, the tokens are sorted by adapter, each adapter's padded to the most any has, and two batched
+matmuls run every adapter on its own tokens (ranks zero-padded to the largest): SGMV's segments in one call. B
+carries its adapter's scale. DoRA folds its magnitude over the norm of W + scale BA into B too, and adds (that
+factor - 1) * (y - bias). A token is a row of x flattened, so a layer that sees the batch folded into its tokens
+(OPT's MLP) is served like any other. Stacks are built when the set of adapters in use changes (rows come and go),
+from those adapters only, and the last few are kept (a step's prefill and decode use different sets): 32 loaded
+cost what the 2 in use cost.
 
-Measured (one thread, this project's CPUs; SmolLM2-135M's projections, 16-row decode; the kernels' microseconds
-summed over q, k, up and down): stacked 167 / 149 / 339 us for 1 / 2 / 8 adapters in use, gathering each row's A and
-B for two batched matmuls (BGMV) 1,785 / 1,582 / 1,210, segments (SGMV) 646 / 647 / 1,111. Prefill of 512 tokens
-over 16 / 32 adapters: stacked 13.0 / 24.5 ms, segments 7.6 / 10.2 (at 8: 6.6 and 7.0).
+Measured by benchmarks/lora_kernels.py (one thread, this project's CPUs; every adapted layer of SmolLM2-135M, rank
+8, each layer's own weights; ms per forward, side by side / grouped): decode of 16 rows over 2 adapters 3.4 / 7.0,
+over 8 16.6 / 14.4, over 16 31.3 / 22.1; prefill of 224 tokens over 2 45 / 97, over 8 117 / 93, over 32 287 / 154.
+Gathering each token's A and B for two batched matmuls (BGMV, the GPU systems' decode kernel) took 28-46 ms in
+decode, and a Python loop over the adapters (SGMV) 12-54. Over 8 adapters, decode reads 8 adapters' weights (about
+80 MB at this shape against ~540 MB for the base), which bounds it on these CPUs whatever the kernel.
 
 LoRA on a mixture of experts' stacked weights (PEFT's target_parameters) cannot be split by token: a model with
 such adapters runs one adapter's rows per forward (`mixes` is False), through PEFT's own expert path.
@@ -37,7 +44,8 @@ from loramix.errors import LoramixError
 from loramix.serve.packed import unpacked
 
 BASE = "__base__"  # a row of the base alone
-_SEGMENTS_ABOVE = 64  # ranks in use in a prefill past which segments beat the stack (see above)
+_STACKS_KEPT = 4
+_GROUPED_ABOVE = 48  # ranks in use in a layer past which a mixed batch groups its tokens by adapter (see above)
 
 
 @dataclass
@@ -51,10 +59,24 @@ class _Adapter:
 
 @dataclass
 class _Stack:
-    layout: tuple[tuple[int, int], ...]  # (slot, rank) of the adapters in use that adapt this layer, in slot order
-    a: torch.Tensor  # (R, in)
-    bt: torch.Tensor  # (R, out)
+    """The adapters in use that adapt one layer: side by side (a: (in, R), b: (R, out)), or grouped (a: (adapters,
+    in, r_max), b: (adapters, r_max, out), ranks zero-padded to the largest)."""
+
+    layout: tuple[tuple[int, int], ...]  # (slot, rank) of each, in slot order
+    grouped: bool
+    a: torch.Tensor
+    b: torch.Tensor
     dora: torch.Tensor | None  # (1 + adapters, out): row 0 for tokens of no DoRA adapter here
+
+
+@dataclass
+class _Groups:
+    """A layer input's tokens sorted by adapter, each adapter's padded to the most any has (m)."""
+
+    gather: torch.Tensor  # (adapters * m,): the token at each place (padding: token 0)
+    keep: torch.Tensor | None  # the places that hold a token, None when all do
+    dest: torch.Tensor  # (tokens kept,): the token of each kept place
+    m: int
 
 
 @dataclass
@@ -62,7 +84,6 @@ class Route:
     """One forward's rows: each one's slot (0: the base), and what the layers derive from them, cached."""
 
     slots: list[int]
-    prefill: bool
     used: tuple[int, ...] = ()  # the adapters' slots, without the base
     uniform: bool = False  # every row through the same adapter
     _memo: dict = field(default_factory=dict)
@@ -75,22 +96,31 @@ class Route:
         return self._cached(("tokens", n), lambda: torch.tensor(self.slots).repeat_interleave(n // len(self.slots)))
 
     def own(self, layout: tuple, n: int, device, dtype) -> torch.Tensor:
-        """(n, R): 1 where a column belongs to the token's own adapter."""
+        """(n, R): 1 where a column of a side-by-side stack belongs to the token's own adapter."""
         def build():
-            columns = torch.tensor([slot for slot, r in layout for _ in range(r)], device=device)
-            return (self.tokens(n).to(device)[:, None] == columns[None]).to(dtype)
+            columns = torch.tensor([slot for slot, r in layout for _ in range(r)])
+            return (self.tokens(n)[:, None] == columns[None]).to(device, dtype)
         return self._cached(("own", layout, n), build)
+
+    def groups(self, layout: tuple, n: int, device) -> _Groups:
+        def build():
+            tokens = self.tokens(n)
+            members = [(tokens == slot).nonzero().squeeze(1) for slot, _ in layout]
+            m = max(len(t) for t in members)
+            gather, places = torch.zeros(len(layout), m, dtype=torch.long), torch.zeros(len(layout), m, dtype=torch.bool)
+            for k, t in enumerate(members):
+                gather[k, : len(t)], places[k, : len(t)] = t, True
+            keep = None if places.all() else places.flatten().nonzero().squeeze(1).to(device)
+            return _Groups(gather.flatten().to(device), keep, torch.cat(members).to(device), m)
+        return self._cached(("groups", layout, n), build)
 
     def dora_rows(self, layout: tuple, n: int, device) -> torch.Tensor:
         """(n,): each token's row of a stack's DoRA table (0: no adapter of the stack)."""
         def build():
-            at = {slot: k + 1 for k, (slot, _) in enumerate(layout)}
-            return torch.tensor([at.get(s, 0) for s in self.tokens(n).tolist()], device=device)
+            rows = torch.zeros(max(self.slots) + 1, dtype=torch.long)
+            rows[[slot for slot, _ in layout]] = torch.arange(1, len(layout) + 1)
+            return rows[self.tokens(n)].to(device)
         return self._cached(("dora", layout, n), build)
-
-    def members(self, slot: int, n: int, device) -> torch.Tensor:
-        """The tokens of `slot`'s rows."""
-        return self._cached(("members", slot, n), lambda: (self.tokens(n) == slot).nonzero().squeeze(1).to(device))
 
     def _cached(self, key, build):
         if key not in self._memo:
@@ -106,7 +136,7 @@ class _Layer:
         self.bank, self.layer = bank, layer
         self.adapters: dict[int, _Adapter] = {}
         self.bias = layer.get_base_layer().bias
-        self._stack: tuple[tuple, _Stack | None] = ((), None)
+        self._stacks: dict[tuple, _Stack | None] = {}  # the last few sets in use: a step's decode and prefill differ
         layer.register_forward_hook(self._hook)
 
     def take(self, slot: int, name: str) -> None:
@@ -121,46 +151,61 @@ class _Layer:
             b, dora = b * (scale * factor)[:, None], factor - 1
         else:
             b = b * scale
-        self.adapters[slot] = _Adapter(a.contiguous(), b, dora)
+        self.adapters[slot] = _Adapter(a, b, dora)
 
     def stack(self, route: Route) -> _Stack | None:
         key = (self.bank.version, route.used)
-        if self._stack[0] != key:
+        if key not in self._stacks:
             present = [s for s in route.used if s in self.adapters]
             parts = [self.adapters[s] for s in present]
             stack = None
             if parts:
+                ranks = [p.a.shape[0] for p in parts]
+                if len(parts) > 1 and sum(ranks) > _GROUPED_ABOVE:
+                    a = parts[0].a.new_zeros(len(parts), parts[0].a.shape[1], max(ranks))
+                    b = parts[0].b.new_zeros(len(parts), max(ranks), parts[0].b.shape[0])
+                    for k, (p, r) in enumerate(zip(parts, ranks)):
+                        a[k, :, :r], b[k, :r] = p.a.T, p.b.T
+                else:
+                    a, b = torch.cat([p.a for p in parts]).T.contiguous(), torch.cat([p.b for p in parts], 1).T.contiguous()
                 dora = None
                 if any(p.dora is not None for p in parts):
                     zero = torch.zeros_like(parts[0].b[:, 0])
                     dora = torch.stack([zero] + [zero if p.dora is None else p.dora for p in parts])
-                stack = _Stack(tuple((s, p.a.shape[0]) for s, p in zip(present, parts)), torch.cat([p.a for p in parts]),
-                               torch.cat([p.b for p in parts], 1).T.contiguous(), dora)
-            self._stack = (key, stack)
-        return self._stack[1]
+                stack = _Stack(tuple(zip(present, ranks)), a.dim() == 3, a, b, dora)
+            self._stacks[key] = stack
+            if len(self._stacks) > _STACKS_KEPT:
+                del self._stacks[next(iter(self._stacks))]
+        return self._stacks[key]
 
     def _hook(self, module, args, y: torch.Tensor) -> torch.Tensor | None:
         route = self.bank.route
-        stack = self.stack(route) if route is not None and route.used else None
-        if stack is None:
+        if route is None or not route.used:
             return None
         x = args[0].reshape(-1, args[0].shape[-1])
         n = x.shape[0]
-        if route.uniform:
-            delta = x @ stack.a.T @ stack.bt
-        elif route.prefill and stack.a.shape[0] > _SEGMENTS_ABOVE:
-            delta, start = x.new_zeros(n, stack.bt.shape[1]), 0
-            for slot, r in stack.layout:
-                at = route.members(slot, n, x.device)
-                delta.index_add_(0, at, x[at] @ stack.a[start : start + r].T @ stack.bt[start : start + r])
-                start += r
+        if route.uniform:  # the adapter's own A and B, no stack
+            adapter = self.adapters.get(route.used[0])
+            if adapter is None:
+                return None
+            a, b, dora = adapter.a.T, adapter.b.T, adapter.dora
         else:
-            delta = ((x @ stack.a.T) * route.own(stack.layout, n, x.device, x.dtype)) @ stack.bt
-        delta = delta.view(y.shape)
-        if stack.dora is not None:
-            base = y if self.bias is None else y - self.bias
-            delta = delta + stack.dora[route.dora_rows(stack.layout, n, x.device)].view(y.shape) * base
-        return y + delta
+            stack = self.stack(route)
+            if stack is None:
+                return None
+            dora = None if stack.dora is None else stack.dora[route.dora_rows(stack.layout, n, x.device)].view(y.shape)
+        if dora is not None:
+            y = y + dora * (y if self.bias is None else y - self.bias)
+        out = y.reshape(n, -1)  # the base output, ours until returned: the delta is added in place
+        if route.uniform:
+            out.addmm_(x @ a, b)
+        elif not stack.grouped:
+            out.addmm_((x @ stack.a) * route.own(stack.layout, n, x.device, x.dtype), stack.b)
+        else:
+            g = route.groups(stack.layout, n, x.device)
+            delta = torch.bmm(torch.bmm(x[g.gather].view(len(stack.layout), g.m, -1), stack.a), stack.b).flatten(0, 1)
+            out.index_add_(0, g.dest, delta if g.keep is None else delta[g.keep])
+        return out.view(y.shape)
 
 
 class Adapters:
@@ -235,10 +280,10 @@ class Adapters:
         self.version += 1
 
     @contextlib.contextmanager
-    def routed(self, adapters: list[str], prefill: bool) -> Iterator[None]:
+    def routed(self, adapters: list[str]) -> Iterator[None]:
         """A forward whose rows run through `adapters` (names, or BASE), in order."""
         slots = [0 if a == BASE else self.slots[a] for a in adapters]
-        self.route = Route(slots, prefill)
+        self.route = Route(slots)
         if self._experts:
             self._route_experts(self.route)
         try:

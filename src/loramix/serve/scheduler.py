@@ -263,15 +263,15 @@ class Scheduler:
         row's last position, each row through its own adapter."""
         device, parts = self.model.device, []
         if running:
-            parts.append(self._run(*_decode_inputs(running, device), prefill=False))
+            parts.append(self._run(*_decode_inputs(running, device)))
         if new:
-            parts.append(self._run(*_prefill_inputs(new, device), prefill=True))
+            parts.append(self._run(*_prefill_inputs(new, device)))
         rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0])
         return rows, torch.cat([logits for _, logits in parts])
 
-    def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache,
-             prefill: bool) -> tuple[_Rows, torch.Tensor]:
-        routed = self.adapters.routed([s.adapter for s in seqs], prefill) if self.adapters else contextlib.nullcontext()
+    def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+             cache: DynamicCache) -> tuple[_Rows, torch.Tensor]:
+        routed = self.adapters.routed([s.adapter for s in seqs]) if self.adapters else contextlib.nullcontext()
         with torch.inference_mode(), routed:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         return _Rows(seqs, cache, mask), out.logits[:, -1].float()
