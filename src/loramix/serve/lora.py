@@ -44,29 +44,23 @@ from loramix.errors import LoramixError
 from loramix.serve.packed import unpacked
 
 BASE = "__base__"  # a row of the base alone
-_STACKS_KEPT = 4
+_PLANS_KEPT = 4
 _GROUPED_ABOVE = 48  # ranks in use in a layer past which a mixed batch groups its tokens by adapter (see above)
+_SEGMENT_TOKENS = 32  # tokens per adapter in use from which each adapter runs on its own tokens, unstacked (see above)
 
 
 @dataclass
-class _Adapter:
-    """One adapter in one layer: A (r, in), B (out, r) with its scale (and DoRA's factor) in, DoRA's factor - 1 (out,)."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    dora: torch.Tensor | None
-
-
-@dataclass
-class _Stack:
-    """The adapters in use that adapt one layer: side by side (a: (in, R), b: (R, out)), or grouped (a: (adapters,
-    in, r_max), b: (adapters, r_max, out), ranks zero-padded to the largest)."""
+class _Plan:
+    """How one layer serves a set of adapters in use: those of them it has (layout, and their rows of its bank),
+    and, built when a kernel first needs them, their A and B side by side (a: (in, R), b: (R, out)) or grouped
+    (a: (adapters, in, r_max), b: (adapters, r_max, out), ranks zero-padded to the largest)."""
 
     layout: tuple[tuple[int, int], ...]  # (slot, rank) of each, in slot order
-    grouped: bool
-    a: torch.Tensor
-    b: torch.Tensor
-    dora: torch.Tensor | None  # (1 + adapters, out): row 0 for tokens of no DoRA adapter here
+    rows: tuple[int, ...]
+    dora: bool  # any of them DoRA
+    grouped: bool = False
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,13 +108,17 @@ class Route:
             return _Groups(gather.flatten().to(device), keep, torch.cat(members).to(device), m)
         return self._cached(("groups", layout, n), build)
 
-    def dora_rows(self, layout: tuple, n: int, device) -> torch.Tensor:
-        """(n,): each token's row of a stack's DoRA table (0: no adapter of the stack)."""
+    def bank_rows(self, plan: _Plan, n: int, device) -> torch.Tensor:
+        """(n,): each token's row of its layer's DoRA table (its adapter's bank row + 1; 0: none of the plan's)."""
         def build():
             rows = torch.zeros(max(self.slots) + 1, dtype=torch.long)
-            rows[[slot for slot, _ in layout]] = torch.arange(1, len(layout) + 1)
+            rows[[slot for slot, _ in plan.layout]] = torch.tensor(plan.rows) + 1
             return rows[self.tokens(n)].to(device)
-        return self._cached(("dora", layout, n), build)
+        return self._cached(("bank", plan.layout, plan.rows, n), build)
+
+    def members(self, slot: int, n: int, device) -> torch.Tensor:
+        """The tokens of `slot`'s rows."""
+        return self._cached(("members", slot, n), lambda: (self.tokens(n) == slot).nonzero().squeeze(1).to(device))
 
     def _cached(self, key, build):
         if key not in self._memo:
@@ -130,82 +128,119 @@ class Route:
 
 class _Layer:
     """One of PEFT's adapted linear layers, its own LoRA compute turned off and the gathered pass added by a
-    forward hook."""
+    forward hook. Its adapters are kept as one bank, each a row: A.T (in, r_max) and B.T (r_max, out) with its scale
+    (and DoRA's factor) in, ranks zero-padded to the largest; DoRA's factor - 1 (out,) in a table whose row 0 is
+    zero, so that a stack is a few indexing ops, not one per adapter."""
 
     def __init__(self, bank: Adapters, layer):
         self.bank, self.layer = bank, layer
-        self.adapters: dict[int, _Adapter] = {}
         self.bias = layer.get_base_layer().bias
-        self._stacks: dict[tuple, _Stack | None] = {}  # the last few sets in use: a step's decode and prefill differ
+        self.rows: dict[int, int] = {}  # slot -> its row of the bank
+        self.ranks: list[int] = []
+        self.doras: list[bool] = []  # whether each row is a DoRA adapter
+        self.a = self.b = self.dora = None
+        self._plans: dict[tuple, _Plan | None] = {}  # for the last few sets in use: a step's decode and prefill differ
         layer.register_forward_hook(self._hook)
 
     def take(self, slot: int, name: str) -> None:
         """Read adapter `name` from PEFT's layer as slot `slot`."""
         layer = self.layer
         a, b, scale = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach(), layer.scaling[name]
-        dora = None
-        if name in layer.lora_variant:  # DoRA (the only variant let through): m / ||W + scale BA|| per output
+        dora, is_dora = torch.zeros_like(b[:, 0]), name in layer.lora_variant
+        if is_dora:  # DoRA (the only variant let through): m / ||W + scale BA|| per output
             weight = layer.get_base_layer().weight.detach()
             weight = weight.T if layer.fan_in_fan_out else weight
             factor = layer.lora_magnitude_vector[name].weight.detach() / torch.linalg.norm(weight + scale * (b @ a), dim=1)
             b, dora = b * (scale * factor)[:, None], factor - 1
         else:
             b = b * scale
-        self.adapters[slot] = _Adapter(a, b, dora)
+        r = a.shape[0]
+        if self.a is None:
+            self.a, self.b, self.dora = a.new_zeros(0, a.shape[1], r), b.new_zeros(0, r, b.shape[0]), dora.new_zeros(1, len(dora))
+        r_max = max(r, self.a.shape[2])
+        self.a = torch.cat([_pad(self.a, 2, r_max), _pad(a.T[None], 2, r_max)])
+        self.b = torch.cat([_pad(self.b, 1, r_max), _pad(b.T[None], 1, r_max)])
+        self.dora = torch.cat([self.dora, dora[None]])
+        self.rows[slot] = len(self.ranks)
+        self.ranks.append(r)
+        self.doras.append(is_dora)
 
-    def stack(self, route: Route) -> _Stack | None:
+    def drop(self, slot: int) -> None:
+        """Forget slot `slot` (if this layer has it)."""
+        row = self.rows.pop(slot, None)
+        if row is None:
+            return
+        keep = torch.tensor([k for k in range(len(self.ranks)) if k != row], dtype=torch.long, device=self.a.device)
+        self.a, self.b = self.a[keep], self.b[keep]
+        self.dora = self.dora[torch.cat([keep.new_zeros(1), keep + 1])]
+        del self.ranks[row], self.doras[row]
+        self.rows = {s: k - (k > row) for s, k in self.rows.items()}
+
+    def plan(self, route: Route) -> _Plan | None:
+        """None when no adapter of the route adapts this layer."""
         key = (self.bank.version, route.used)
-        if key not in self._stacks:
-            present = [s for s in route.used if s in self.adapters]
-            parts = [self.adapters[s] for s in present]
-            stack = None
-            if parts:
-                ranks = [p.a.shape[0] for p in parts]
-                if len(parts) > 1 and sum(ranks) > _GROUPED_ABOVE:
-                    a = parts[0].a.new_zeros(len(parts), parts[0].a.shape[1], max(ranks))
-                    b = parts[0].b.new_zeros(len(parts), max(ranks), parts[0].b.shape[0])
-                    for k, (p, r) in enumerate(zip(parts, ranks)):
-                        a[k, :, :r], b[k, :r] = p.a.T, p.b.T
-                else:
-                    a, b = torch.cat([p.a for p in parts]).T.contiguous(), torch.cat([p.b for p in parts], 1).T.contiguous()
-                dora = None
-                if any(p.dora is not None for p in parts):
-                    zero = torch.zeros_like(parts[0].b[:, 0])
-                    dora = torch.stack([zero] + [zero if p.dora is None else p.dora for p in parts])
-                stack = _Stack(tuple(zip(present, ranks)), a.dim() == 3, a, b, dora)
-            self._stacks[key] = stack
-            if len(self._stacks) > _STACKS_KEPT:
-                del self._stacks[next(iter(self._stacks))]
-        return self._stacks[key]
+        if key not in self._plans:
+            present = [s for s in route.used if s in self.rows]
+            rows = tuple(self.rows[s] for s in present)
+            self._plans[key] = _Plan(tuple((s, self.ranks[k]) for s, k in zip(present, rows)), rows,
+                                     any(self.doras[k] for k in rows)) if rows else None
+            if len(self._plans) > _PLANS_KEPT:
+                del self._plans[next(iter(self._plans))]
+        return self._plans[key]
+
+    def stack(self, plan: _Plan) -> _Plan:
+        """`plan` with its adapters' A and B stacked, or a kept plan stacked for at most twice its adapters, them
+        among them (rows join a batch a few at a time: their prefill runs on the batch's stack)."""
+        if plan.a is None:
+            wanted = set(plan.layout)
+            for kept in self._plans.values():
+                if kept is not None and kept.a is not None and wanted <= set(kept.layout) and len(kept.layout) <= 2 * len(wanted):
+                    return kept
+            ranks = [r for _, r in plan.layout]
+            if sum(ranks) > _GROUPED_ABOVE:
+                at = torch.tensor(plan.rows, device=self.a.device)
+                plan.grouped, plan.a, plan.b = True, self.a[:, :, : max(ranks)][at], self.b[:, : max(ranks)][at]
+            else:
+                plan.a = torch.cat([self.a[k, :, :r] for k, r in zip(plan.rows, ranks)], 1)
+                plan.b = torch.cat([self.b[k, :r] for k, r in zip(plan.rows, ranks)])
+        return plan
 
     def _hook(self, module, args, y: torch.Tensor) -> torch.Tensor | None:
         route = self.bank.route
-        if route is None or not route.used:
+        plan = self.plan(route) if route is not None and route.used else None
+        if plan is None:
             return None
         x = args[0].reshape(-1, args[0].shape[-1])
         n = x.shape[0]
-        if route.uniform:  # the adapter's own A and B, no stack
-            adapter = self.adapters.get(route.used[0])
-            if adapter is None:
-                return None
-            a, b, dora = adapter.a.T, adapter.b.T, adapter.dora
-        else:
-            stack = self.stack(route)
-            if stack is None:
-                return None
-            dora = None if stack.dora is None else stack.dora[route.dora_rows(stack.layout, n, x.device)].view(y.shape)
-        if dora is not None:
-            y = y + dora * (y if self.bias is None else y - self.bias)
+        if plan.dora:
+            factor = self.dora[route.bank_rows(plan, n, x.device)].view(y.shape)
+            y = y + factor * (y if self.bias is None else y - self.bias)
         out = y.reshape(n, -1)  # the base output, ours until returned: the delta is added in place
-        if route.uniform:
-            out.addmm_(x @ a, b)
-        elif not stack.grouped:
+        if route.uniform or n >= _SEGMENT_TOKENS * len(plan.rows):  # each adapter's own A and B on its tokens
+            for (slot, r), row in zip(plan.layout, plan.rows):
+                if route.uniform:
+                    out.addmm_(x @ self.a[row, :, :r], self.b[row, :r])
+                else:
+                    at = route.members(slot, n, x.device)
+                    out.index_add_(0, at, x[at] @ self.a[row, :, :r] @ self.b[row, :r])
+            return out.view(y.shape)
+        stack = self.stack(plan)
+        if not stack.grouped:
             out.addmm_((x @ stack.a) * route.own(stack.layout, n, x.device, x.dtype), stack.b)
         else:
             g = route.groups(stack.layout, n, x.device)
             delta = torch.bmm(torch.bmm(x[g.gather].view(len(stack.layout), g.m, -1), stack.a), stack.b).flatten(0, 1)
             out.index_add_(0, g.dest, delta if g.keep is None else delta[g.keep])
         return out.view(y.shape)
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`t` zero-padded along `dim` to `size`."""
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
 
 
 class Adapters:
@@ -269,7 +304,7 @@ class Adapters:
         slot = self.slots.pop(name)
         peft_name = self._peft_names.pop(slot)
         for layer in self._layers.values():
-            layer.adapters.pop(slot, None)
+            layer.drop(slot)
         others = [n for n in self.peft.peft_config if n != peft_name]
         if others:
             self.peft.base_model.set_adapter(others[0])  # PEFT's active one must not be the one deleted
