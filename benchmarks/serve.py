@@ -178,7 +178,7 @@ def start_server(dirs: list[Path], spec: dict) -> tuple[subprocess.Popen, str]:
 def serving(dirs: list[Path], spec: dict):
     proc, url = start_server(dirs, spec)
     try:
-        level(url, requests(4, spec["max_tokens"], 2), 4, 2)  # warm-up
+        level(url, requests(16, spec["max_tokens"], 2), 16, 2)  # warm-up: the first level after it would pay the first batches' allocations
         yield url
     finally:
         proc.terminate()

@@ -98,19 +98,17 @@ def _seqs(names: list[str], tokens: int = 6) -> list[Sequence]:
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("kernel", [{"_GROUPED_ABOVE": 1000}, {"_GROUPED_ABOVE": 0}, {"_SEGMENT_TOKENS": 0}],
-                         ids=["side-by-side", "grouped", "segments"])
-def test_every_row_gets_its_adapters_logits_in_one_batch(adapters, kernel, monkeypatch):
-    """Every kernel of a mixed batch: the adapters' A and B side by side, grouped by adapter, and each adapter on
-    its own tokens (here, with these few ranks and tokens, the first for decode and prefill unless forced)."""
-    monkeypatch.setattr("loramix.serve.lora._SEGMENT_TOKENS", 10**6)
-    for name, value in kernel.items():
-        monkeypatch.setattr(f"loramix.serve.lora.{name}", value)
+@pytest.mark.parametrize("grouped_above", [48, 0], ids=["side-by-side", "grouped"])
+def test_every_row_gets_its_adapters_logits_in_one_batch(adapters, grouped_above, monkeypatch):
+    """Both kernels of a mixed batch: the adapters' A and B side by side (these few ranks), and grouped by adapter."""
+    monkeypatch.setattr("loramix.serve.lora._GROUPED_ABOVE", grouped_above)
     kind, dirs = adapters
     stock, served = _stock(kind, dirs), Adapters(_stock(kind, dirs))
     assert served.mixes and sorted(served.names) == sorted(dirs)
-    names = [*dirs, BASE, *reversed(dirs)]
-    seen = _run(Scheduler(served, hf_tokenizer("bytelevel"), max_batch=16), _seqs(names))
+    names = [*dirs, BASE, *list(dirs)[len(dirs) // 2 :], BASE]
+    seqs, scheduler = _seqs(names), Scheduler(served, hf_tokenizer("bytelevel"), max_batch=16)
+    first, later = seqs[: len(dirs) + 1], seqs[len(dirs) + 1 :]  # these join later: their prefill runs on the batch's stack
+    seen = _run(scheduler, first, lambda k: scheduler.submit(later) if k == 2 else None, later)
     assert {len(v) for v in seen.values()} == {6}
     _check(stock, seen)
     for seq in seen:  # greedy alone through stock PEFT: the same tokens

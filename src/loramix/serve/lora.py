@@ -6,19 +6,21 @@ batch's distinct adapters, index each one's rows, run two matmuls and scatter ba
 adapter in the batch. Here each adapted linear layer adds to its base output y = base(x), with x's tokens as rows,
 in one of three ways:
 
-    one adapter:   delta = x @ A.T @ B.T                                 every row through the same adapter
-    side by side:  delta = ((x @ A.T) * own) @ B.T                       mixed, <= 48 ranks in use in the layer
+    one adapter:   delta = x @ A.T @ B.T                                   every row through the same adapter
+    side by side:  delta = ((x @ A.T) * own) @ B.T                         mixed, <= 48 ranks in use
     grouped:       delta[tokens of a] = bmm(x[tokens of a], A_a.T, B_a.T)  mixed, more ranks
 
-Side by side, A (R, in) and B (out, R) hold the A and B of the adapters in use, each at its own rank (R in all), and
-`own` (tokens, R) keeps each token's own adapter's columns (none for a base row): two matmuls, whose cost grows
-with R. Grouped, the tokens are sorted by adapter, each adapter's padded to the most any has, and two batched
-matmuls run every adapter on its own tokens (ranks zero-padded to the largest): SGMV's segments in one call. B
-carries its adapter's scale. DoRA folds its magnitude over the norm of W + scale BA into B too, and adds (that
-factor - 1) * (y - bias). A token is a row of x flattened, so a layer that sees the batch folded into its tokens
-(OPT's MLP) is served like any other. Stacks are built when the set of adapters in use changes (rows come and go),
-from those adapters only, and the last few are kept (a step's prefill and decode use different sets): 32 loaded
-cost what the 2 in use cost.
+Each layer keeps its adapters as one bank (A.T and B.T of each, ranks zero-padded to the largest, B with its
+adapter's scale in): one adapter runs on views of it. Side by side, A (R, in) and B (out, R) hold the A
+and B of the adapters in use, each at its own rank (R in all), and `own` (tokens, R) keeps each token's own
+adapter's columns (none for a base row): two matmuls, whose cost grows with R. Grouped, the tokens are sorted by
+adapter, each adapter's padded to the most any has, and two batched matmuls run every adapter on its own tokens
+(ranks padded to the largest in use): SGMV's segments in one call. Those two stacks are gathered from the bank
+when the set of adapters in use changes (rows come and go), from those adapters only (32 loaded cost what the 2
+in use cost), and the last few are kept; rows joining a batch prefill on the batch's stack when it holds their
+adapters. DoRA folds its magnitude over the norm of W + scale BA into B too, and adds (that factor - 1) * (y -
+bias). A token is a row of x flattened, so a layer that sees the batch folded into its tokens (OPT's MLP) is
+served like any other.
 
 Measured by benchmarks/lora_kernels.py (one thread, this project's CPUs; every adapted layer of SmolLM2-135M, rank
 8, each layer's own weights; ms per forward, side by side / grouped): decode of 16 rows over 2 adapters 3.4 / 7.0,
@@ -46,7 +48,6 @@ from loramix.serve.packed import unpacked
 BASE = "__base__"  # a row of the base alone
 _PLANS_KEPT = 4
 _GROUPED_ABOVE = 48  # ranks in use in a layer past which a mixed batch groups its tokens by adapter (see above)
-_SEGMENT_TOKENS = 32  # tokens per adapter in use from which each adapter runs on its own tokens, unstacked (see above)
 
 
 @dataclass
@@ -115,10 +116,6 @@ class Route:
             rows[[slot for slot, _ in plan.layout]] = torch.tensor(plan.rows) + 1
             return rows[self.tokens(n)].to(device)
         return self._cached(("bank", plan.layout, plan.rows, n), build)
-
-    def members(self, slot: int, n: int, device) -> torch.Tensor:
-        """The tokens of `slot`'s rows."""
-        return self._cached(("members", slot, n), lambda: (self.tokens(n) == slot).nonzero().squeeze(1).to(device))
 
     def _cached(self, key, build):
         if key not in self._memo:
@@ -216,13 +213,9 @@ class _Layer:
             factor = self.dora[route.bank_rows(plan, n, x.device)].view(y.shape)
             y = y + factor * (y if self.bias is None else y - self.bias)
         out = y.reshape(n, -1)  # the base output, ours until returned: the delta is added in place
-        if route.uniform or n >= _SEGMENT_TOKENS * len(plan.rows):  # each adapter's own A and B on its tokens
-            for (slot, r), row in zip(plan.layout, plan.rows):
-                if route.uniform:
-                    out.addmm_(x @ self.a[row, :, :r], self.b[row, :r])
-                else:
-                    at = route.members(slot, n, x.device)
-                    out.index_add_(0, at, x[at] @ self.a[row, :, :r] @ self.b[row, :r])
+        if route.uniform:
+            (_, r), row = plan.layout[0], plan.rows[0]
+            out.addmm_(x @ self.a[row, :, :r], self.b[row, :r])
             return out.view(y.shape)
         stack = self.stack(plan)
         if not stack.grouped:
