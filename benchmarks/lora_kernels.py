@@ -81,7 +81,7 @@ def sgmv(p):
 
 def grouped(p):
     k, fan_in = p["a"].shape[0], p["x"].shape[1]
-    delta = torch.bmm(torch.bmm(p["x"][p["gather"]].view(k, -1, fan_in), p["a_t"]), p["b_t"]).flatten(0, 1)
+    delta = torch.bmm(torch.bmm(p["x"][p["gather"]].view(k, -1, fan_in), p["a"].transpose(1, 2)), p["b_t"]).flatten(0, 1)
     return torch.zeros(len(p["x"]), p["b"].shape[1]).index_add_(0, p["dest"], delta if p["keep"] is None else delta[p["keep"]])
 
 

@@ -10,7 +10,7 @@ in one of three ways:
     side by side:  delta = ((x @ A.T) * own) @ B.T                         mixed, <= 48 ranks in use
     grouped:       delta[tokens of a] = bmm(x[tokens of a], A_a.T, B_a.T)  mixed, more ranks
 
-Each layer keeps its adapters as one bank (A.T and B.T of each, ranks zero-padded to the largest, B with its
+Each layer keeps its adapters as one bank (A and B.T of each, ranks zero-padded to the largest, B with its
 adapter's scale in): one adapter runs on views of it. Side by side, A (R, in) and B (out, R) hold the A
 and B of the adapters in use, each at its own rank (R in all), and `own` (tokens, R) keeps each token's own
 adapter's columns (none for a base row): two matmuls, whose cost grows with R. Grouped, the tokens are sorted by
@@ -53,8 +53,8 @@ _GROUPED_ABOVE = 48  # ranks in use in a layer past which a mixed batch groups i
 @dataclass
 class _Plan:
     """How one layer serves a set of adapters in use: those of them it has (layout, and their rows of its bank),
-    and, built when a kernel first needs them, their A and B side by side (a: (in, R), b: (R, out)) or grouped
-    (a: (adapters, in, r_max), b: (adapters, r_max, out), ranks zero-padded to the largest)."""
+    and, built when a kernel first needs them, their A and B side by side (a: (R, in), b: (R, out)) or grouped
+    (a: (adapters, r_max, in), b: (adapters, r_max, out), ranks zero-padded to the largest)."""
 
     layout: tuple[tuple[int, int], ...]  # (slot, rank) of each, in slot order
     rows: tuple[int, ...]
@@ -125,9 +125,10 @@ class Route:
 
 class _Layer:
     """One of PEFT's adapted linear layers, its own LoRA compute turned off and the gathered pass added by a
-    forward hook. Its adapters are kept as one bank, each a row: A.T (in, r_max) and B.T (r_max, out) with its scale
+    forward hook. Its adapters are kept as one bank, each a row: A (r_max, in) and B.T (r_max, out) with its scale
     (and DoRA's factor) in, ranks zero-padded to the largest; DoRA's factor - 1 (out,) in a table whose row 0 is
-    zero, so that a stack is a few indexing ops, not one per adapter."""
+    zero, so that a stack is a few indexing ops, not one per adapter. A keeps PEFT's layout: the batched matmul
+    reads it transposed ~1.5x faster than A.T stored (7 against 11 ms over SmolLM2's layers, 8 adapters)."""
 
     def __init__(self, bank: Adapters, layer):
         self.bank, self.layer = bank, layer
@@ -153,9 +154,9 @@ class _Layer:
             b = b * scale
         r = a.shape[0]
         if self.a is None:
-            self.a, self.b, self.dora = a.new_zeros(0, a.shape[1], r), b.new_zeros(0, r, b.shape[0]), dora.new_zeros(1, len(dora))
-        r_max = max(r, self.a.shape[2])
-        self.a = torch.cat([_pad(self.a, 2, r_max), _pad(a.T[None], 2, r_max)])
+            self.a, self.b, self.dora = a.new_zeros(0, r, a.shape[1]), b.new_zeros(0, r, b.shape[0]), dora.new_zeros(1, len(dora))
+        r_max = max(r, self.a.shape[1])
+        self.a = torch.cat([_pad(self.a, 1, r_max), _pad(a[None], 1, r_max)])
         self.b = torch.cat([_pad(self.b, 1, r_max), _pad(b.T[None], 1, r_max)])
         self.dora = torch.cat([self.dora, dora[None]])
         self.rows[slot] = len(self.ranks)
@@ -196,9 +197,9 @@ class _Layer:
             ranks = [r for _, r in plan.layout]
             if sum(ranks) > _GROUPED_ABOVE:
                 at = torch.tensor(plan.rows, device=self.a.device)
-                plan.grouped, plan.a, plan.b = True, self.a[:, :, : max(ranks)][at], self.b[:, : max(ranks)][at]
+                plan.grouped, plan.a, plan.b = True, self.a[:, : max(ranks)][at], self.b[:, : max(ranks)][at]
             else:
-                plan.a = torch.cat([self.a[k, :, :r] for k, r in zip(plan.rows, ranks)], 1)
+                plan.a = torch.cat([self.a[k, :r] for k, r in zip(plan.rows, ranks)])
                 plan.b = torch.cat([self.b[k, :r] for k, r in zip(plan.rows, ranks)])
         return plan
 
@@ -215,14 +216,14 @@ class _Layer:
         out = y.reshape(n, -1)  # the base output, ours until returned: the delta is added in place
         if route.uniform:
             (_, r), row = plan.layout[0], plan.rows[0]
-            out.addmm_(x @ self.a[row, :, :r], self.b[row, :r])
+            out.addmm_(x @ self.a[row, :r].T, self.b[row, :r])
             return out.view(y.shape)
         stack = self.stack(plan)
         if not stack.grouped:
-            out.addmm_((x @ stack.a) * route.own(stack.layout, n, x.device, x.dtype), stack.b)
+            out.addmm_((x @ stack.a.T) * route.own(stack.layout, n, x.device, x.dtype), stack.b)
         else:
             g = route.groups(stack.layout, n, x.device)
-            delta = torch.bmm(torch.bmm(x[g.gather].view(len(stack.layout), g.m, -1), stack.a), stack.b).flatten(0, 1)
+            delta = torch.bmm(torch.bmm(x[g.gather].view(len(stack.layout), g.m, -1), stack.a.transpose(1, 2)), stack.b).flatten(0, 1)
             out.index_add_(0, g.dest, delta if g.keep is None else delta[g.keep])
         return out.view(y.shape)
 
