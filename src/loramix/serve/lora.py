@@ -23,10 +23,10 @@ bias). A token is a row of x flattened, so a layer that sees the batch folded in
 served like any other.
 
 Measured by benchmarks/lora_kernels.py (one thread, this project's CPUs; every adapted layer of SmolLM2-135M, rank
-8, each layer's own weights; ms per forward, side by side / grouped): decode of 16 rows over 2 adapters 3.4 / 7.0,
-over 8 16.6 / 14.4, over 16 31.3 / 22.1; prefill of 224 tokens over 2 45 / 97, over 8 117 / 93, over 32 287 / 154.
-Gathering each token's A and B for two batched matmuls (BGMV, the GPU systems' decode kernel) took 28-46 ms in
-decode, and a Python loop over the adapters (SGMV) 12-54. Over 8 adapters, decode reads 8 adapters' weights (about
+8, each layer's own weights; ms per forward, side by side / grouped): decode of 16 rows over 2 adapters 3.5 / 9.9,
+over 8 16.9 / 14.3, over 16 31.7 / 20.9; prefill of 224 tokens over 2 47 / 102, over 8 107 / 97, over 32 276 / 108.
+Gathering each token's A and B for two batched matmuls (BGMV, the GPU systems' decode kernel) took 26-46 ms in
+decode, and a Python loop over the adapters (SGMV) 13-54. Over 8 adapters, decode reads 8 adapters' weights (about
 80 MB at this shape against ~540 MB for the base), which bounds it on these CPUs whatever the kernel.
 
 LoRA on a mixture of experts' stacked weights (PEFT's target_parameters) cannot be split by token: a model with
