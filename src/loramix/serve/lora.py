@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from loramix.errors import LoramixError
 from loramix.serve.packed import unpacked
@@ -62,6 +63,7 @@ class _Plan:
     grouped: bool = False
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    on: _Plan | None = None  # the plan whose stack its kernels run on: itself, or a kept one holding its adapters
 
 
 @dataclass
@@ -156,8 +158,8 @@ class _Layer:
         if self.a is None:
             self.a, self.b, self.dora = a.new_zeros(0, r, a.shape[1]), b.new_zeros(0, r, b.shape[0]), dora.new_zeros(1, len(dora))
         r_max = max(r, self.a.shape[1])
-        self.a = torch.cat([_pad(self.a, 1, r_max), _pad(a[None], 1, r_max)])
-        self.b = torch.cat([_pad(self.b, 1, r_max), _pad(b.T[None], 1, r_max)])
+        self.a = torch.cat([F.pad(t, (0, 0, 0, r_max - t.shape[1])) for t in (self.a, a[None])])  # ranks: dim 1
+        self.b = torch.cat([F.pad(t, (0, 0, 0, r_max - t.shape[1])) for t in (self.b, b.T[None])])
         self.dora = torch.cat([self.dora, dora[None]])
         self.rows[slot] = len(self.ranks)
         self.ranks.append(r)
@@ -188,12 +190,12 @@ class _Layer:
 
     def stack(self, plan: _Plan) -> _Plan:
         """`plan` with its adapters' A and B stacked, or a kept plan stacked for at most twice its adapters, them
-        among them (rows join a batch a few at a time: their prefill runs on the batch's stack)."""
-        if plan.a is None:
+        among them (rows join a batch a few at a time: their prefill runs on the batch's stack); found once."""
+        if plan.on is None:
             wanted = set(plan.layout)
-            for kept in self._plans.values():
-                if kept is not None and kept.a is not None and wanted <= set(kept.layout) and len(kept.layout) <= 2 * len(wanted):
-                    return kept
+            plan.on = next((kept for kept in self._plans.values() if kept is not None and kept.a is not None
+                            and wanted <= set(kept.layout) and len(kept.layout) <= 2 * len(wanted)), plan)
+        if plan.on is plan and plan.a is None:
             ranks = [r for _, r in plan.layout]
             if sum(ranks) > _GROUPED_ABOVE:
                 at = torch.tensor(plan.rows, device=self.a.device)
@@ -201,7 +203,7 @@ class _Layer:
             else:
                 plan.a = torch.cat([self.a[k, :r] for k, r in zip(plan.rows, ranks)])
                 plan.b = torch.cat([self.b[k, :r] for k, r in zip(plan.rows, ranks)])
-        return plan
+        return plan.on
 
     def _hook(self, module, args, y: torch.Tensor) -> torch.Tensor | None:
         route = self.bank.route
@@ -226,15 +228,6 @@ class _Layer:
             delta = torch.bmm(torch.bmm(x[g.gather].view(len(stack.layout), g.m, -1), stack.a.transpose(1, 2)), stack.b).flatten(0, 1)
             out.index_add_(0, g.dest, delta if g.keep is None else delta[g.keep])
         return out.view(y.shape)
-
-
-def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """`t` zero-padded along `dim` to `size`."""
-    if t.shape[dim] == size:
-        return t
-    shape = list(t.shape)
-    shape[dim] = size - shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim)
 
 
 class Adapters:
