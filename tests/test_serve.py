@@ -18,6 +18,7 @@ from loramix.artifacts import load_adapters, load_for_generation
 from loramix.config import load_config
 from loramix.errors import LoramixError
 from loramix.generation import generate
+from loramix.serve import kv
 from loramix.serve import scheduler as sched
 from loramix.serve.http import load_engine, running
 from loramix.serve.lora import BASE, Adapters
@@ -306,10 +307,12 @@ def test_a_stalled_client_holds_neither_the_engine_nor_the_others(adapter_dirs, 
 
 
 @pytest.mark.parity
-def test_batched_logits_equal_each_request_alone(adapter_dirs):
+def test_batched_logits_equal_each_request_alone(adapter_dirs, monkeypatch):
     """Mixed adapters and base, prompts of 1-12 tokens, requests joining mid-way and leaving early: every
     row's logits, through the packed LM head as served, equal those of its request alone (no batch, no cache, the
-    adapter made active, transformers' own head) to 1e-4."""
+    adapter made active, transformers' own head) to 1e-4. The KV cache keeps room for 3 columns only, so it
+    grows in place and into new buffers, after joins and departures alike."""
+    monkeypatch.setattr(kv, "_ROOM", 3)
     stock, tok, _ = load_adapters(adapter_dirs)
     stock.eval()
     model = Adapters(load_adapters(adapter_dirs)[0].eval())
@@ -345,6 +348,25 @@ def test_batched_logits_equal_each_request_alone(adapter_dirs):
             one.step()
         assert single.tokens == seq.tokens
     assert len({tuple(s.tokens) for s in batched}) == len(batched)
+
+
+@pytest.mark.unit
+def test_the_growing_cache_holds_what_transformers_cache_holds(monkeypatch):
+    """Decode steps past the room, a crop and a selection of rows (which replace a layer's tensors): the growing
+    layer returns the same keys and values as transformers' DynamicLayer after every update."""
+    from transformers.cache_utils import DynamicLayer
+
+    monkeypatch.setattr(kv, "_ROOM", 2)
+    ours, theirs, gen = kv.cache().layer_class_to_replicate(), DynamicLayer(), torch.Generator().manual_seed(0)
+    for step in range(8):
+        new = [torch.randn(3 if step < 5 else 2, 2, 4 if step == 0 else 1, 5, generator=gen) for _ in range(2)]
+        for a, b in zip(ours.update(*new), theirs.update(*new)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        if step == 2:
+            ours.crop(-1), theirs.crop(-1)
+        if step == 4:
+            rows = torch.tensor([2, 0])
+            ours.batch_select_indices(rows), theirs.batch_select_indices(rows)
 
 
 # ---------------------------------------------------------------- adapters loaded and unloaded while serving

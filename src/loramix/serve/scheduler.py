@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from loramix.serve import kv
 from loramix.serve.detokenizer import Detokenizer, cut_at_stop, settled
 from loramix.serve.lora import Adapters
 from loramix.serve.sampler import Sampling, sample_rows
@@ -267,7 +268,7 @@ class Scheduler:
         if new:
             parts.append(self._run(*_prefill_inputs(new, device)))
         rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0])
-        return rows, torch.cat([logits for _, logits in parts])
+        return rows, parts[0][1] if len(parts) == 1 else torch.cat([logits for _, logits in parts])
 
     def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
              cache: DynamicCache) -> tuple[_Rows, torch.Tensor]:
@@ -356,19 +357,19 @@ def _prefill_inputs(new: list[Sequence], device) -> tuple[list[Sequence], torch.
     ids = [[0] * pad + seq.prompt for pad, seq in zip(pads, new)]  # pad ids are masked out
     positions = [[0] * pad + list(range(len(seq.prompt))) for pad, seq in zip(pads, new)]
     mask = [[0] * pad + [1] * len(seq.prompt) for pad, seq in zip(pads, new)]
-    return new, *(torch.tensor(x, device=device) for x in (ids, positions, mask)), DynamicCache()
+    return new, *(torch.tensor(x, device=device) for x in (ids, positions, mask)), kv.cache()
 
 
 def _join(a: _Rows, b: _Rows) -> _Rows:
     """Two batches as one, the narrower one's rows padded on the left with masked columns."""
     width = max(a.mask.shape[1], b.mask.shape[1])
-    kv, masks = [], []
+    parts, masks = [], []
     for rows in (a, b):
         pad = width - rows.mask.shape[1]
-        kv.append([(F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))) for layer in rows.cache.layers])  # (B, H, L, D)
+        parts.append([(F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))) for layer in rows.cache.layers])  # (B, H, L, D)
         masks.append(F.pad(rows.mask, (pad, 0)))
-    joined = [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(*kv)]
-    return _Rows(a.seqs + b.seqs, DynamicCache(joined), torch.cat(masks))
+    joined = [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(*parts)]
+    return _Rows(a.seqs + b.seqs, kv.cache(joined), torch.cat(masks))
 
 
 def _select(rows: _Rows, keep: list[int]) -> _Rows:
@@ -377,5 +378,5 @@ def _select(rows: _Rows, keep: list[int]) -> _Rows:
     index = torch.tensor(keep, device=rows.mask.device)
     mask = rows.mask[index]
     cut = mask.shape[1] - int(mask.sum(1).max())
-    kv = [(layer.keys[index, :, cut:], layer.values[index, :, cut:]) for layer in rows.cache.layers]
-    return _Rows([rows.seqs[k] for k in keep], DynamicCache(kv), mask[:, cut:])
+    layers = [(layer.keys[index, :, cut:], layer.values[index, :, cut:]) for layer in rows.cache.layers]
+    return _Rows([rows.seqs[k] for k in keep], kv.cache(layers), mask[:, cut:])
