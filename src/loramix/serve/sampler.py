@@ -88,7 +88,7 @@ def _draw(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], seqs: lis
         if seq.generator is None:
             seq.generator = torch.Generator(device).manual_seed(seq.sampling.seed)
     # u in (0, 1]: the first token whose cumulative mass reaches u * total has mass > 0
-    u = torch.stack([1 - torch.rand((), generator=seq.generator, device=device) for seq in seqs])
+    u = 1 - torch.stack([torch.rand((), generator=seq.generator, device=device) for seq in seqs])
     cdf = probs.cumsum(-1)
     picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
     return (picks if ids is None else ids.gather(1, picks)).squeeze(1).tolist()
@@ -130,13 +130,11 @@ def _chunk_maxima(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def _in_chunks(logits: torch.Tensor, rows: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The columns of chunks (b, m) of `rows` (b, 1) of logits: their ids and values (b, m * _CHUNK), -inf past the
-    vocabulary's end."""
-    vocab = logits.shape[-1]
-    ids = (chunks[..., None] * _CHUNK + torch.arange(_CHUNK, device=logits.device)).flatten(1)
-    values = _pick(logits, rows, ids.clamp(max=vocab - 1)).masked_fill(ids >= vocab, float("-inf"))
-    return ids, values
+def _chunks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logits` (B, V) as its whole chunks (B, V // _CHUNK, _CHUNK), a view, and the partial chunk after them (B, V % _CHUNK)."""
+    rows, vocab = logits.shape
+    whole = vocab // _CHUNK * _CHUNK
+    return logits[:, :whole].view(rows, -1, _CHUNK), logits[:, whole:]
 
 
 def _pick(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -146,21 +144,29 @@ def _pick(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.
 
 def _greedy(logits: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
     """logits.argmax(-1), ties to the first column as there: the first chunk holding a row's maximum, then the
-    first column of that chunk holding it."""
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    ids, values = _in_chunks(logits, rows, maxima.argmax(-1, keepdim=True))
-    return ids.gather(1, values.argmax(-1, keepdim=True)).squeeze(1)
+    first column of that chunk, or of the partial chunk after the whole ones (read along with the last whole one,
+    which comes first and cannot hold the maximum when the partial chunk is the first to)."""
+    chunks, tail = _chunks(logits)
+    if not chunks.shape[1]:  # a vocabulary under one chunk
+        return tail.argmax(-1)
+    at = maxima.argmax(-1).clamp(max=chunks.shape[1] - 1)
+    k = torch.cat([chunks[torch.arange(len(at), device=at.device), at], tail], 1).argmax(-1)
+    return torch.where(k < _CHUNK, at * _CHUNK + k, chunks.shape[1] * _CHUNK + k - _CHUNK)
 
 
 def _top(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], k: int) -> torch.Tensor:
     """The ids of the k largest logits of each of `rows` (b, k), as logits[rows].topk(k) finds them (in another
-    order): they lie in the k chunks whose maxima are largest, since k chunk maxima are k values of the row, so
-    its k-th largest value is at least their k-th largest."""
-    if k * _CHUNK * 4 > logits.shape[-1]:  # a wide top-k: few chunks to skip
+    order): among the whole chunks they lie in the k whose maxima are largest (k chunk maxima are k values of the
+    row, so its k-th largest value is at least their k-th largest); the partial chunk is read whole."""
+    chunks, tail = _chunks(logits)
+    if k * _CHUNK * 4 > logits.shape[-1] or k > chunks.shape[1]:  # a wide top-k: few chunks to skip
         return logits[rows].topk(k).indices
-    at = torch.tensor(rows, device=logits.device)[:, None]
-    ids, values = _in_chunks(logits, at, maxima[rows].topk(k).indices)
-    return ids.gather(1, values.topk(k).indices)
+    at = torch.tensor(rows, device=logits.device)
+    picked = maxima[at, : chunks.shape[1]].topk(k).indices  # (b, k)
+    values = torch.cat([chunks[at[:, None], picked].flatten(1), tail[at]], 1)  # (b, k * _CHUNK + V % _CHUNK)
+    best = values.topk(k).indices
+    chunk = picked.gather(1, (best // _CHUNK).clamp(max=k - 1))
+    return torch.where(best < k * _CHUNK, chunk * _CHUNK + best % _CHUNK, chunks.shape[1] * _CHUNK + best - k * _CHUNK)
 
 
 def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
