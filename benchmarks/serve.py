@@ -207,7 +207,25 @@ def describe(spec: dict) -> str:
             f" {spec['max_batch']} --max-queue {spec['max_queue']}, {spec['threads'] or 'default'} torch thread(s); {spec['repeats']} repeat(s) of every level")
 
 
-def table(spec: dict, rows: list[dict]) -> str:
+def _key(row: dict) -> tuple:
+    return row["loaded"], row["clients"], row["distinct"], row["streamed"]
+
+
+# The ratios the issue's targets read: (numerator level, denominator level), as (loaded, clients, distinct, streamed).
+RATIOS = {"streamed": ((2, 16, 2, True), (2, 1, 2, True)), "8 vs 1": ((32, 16, 8, False), (32, 16, 1, False)),
+          "32 vs 1": ((32, 16, 32, False), (32, 16, 1, False)), "32 loaded vs 2": ((32, 16, 2, False), (2, 16, 2, False))}
+
+
+def paired(runs: list[list[dict]]) -> dict[str, tuple[float, float, float]]:
+    """Each of RATIOS within every repeat: its median, lowest and highest."""
+    out = {}
+    for name, (top, bottom) in RATIOS.items():
+        values = [by[top]["tokens_per_s"] / by[bottom]["tokens_per_s"] for by in ({_key(r): r for r in run} for run in runs)]
+        out[name] = (statistics.median(values), min(values), max(values))
+    return out
+
+
+def table(spec: dict, rows: list[dict], ratios: dict[str, tuple[float, float, float]]) -> str:
     lines = [describe(spec), "",
              "| adapters loaded | clients | distinct adapters | streamed | requests | answered | 429 | failed | completion tokens/s |"
              " vs one client (lowest-highest) |"
@@ -220,16 +238,14 @@ def table(spec: dict, rows: list[dict]) -> str:
                      f" {r['rejected_429']} | {r['failed']} |"
                      f" {r['tokens_per_s']:,.0f} | {r['vs_one']:.1f}x ({low:.1f}-{high:.1f}) | {r['p50_s']:.2f} / {r['p95_s']:.2f} |"
                      f" {ttft} |")
-    by = {(r["loaded"], r["clients"], r["distinct"], r["streamed"]): r for r in rows}
-    two, many = by[2, 16, 2, False], {d: by[32, 16, d, False] for d in (1, 2, 8, 32)}
-    streamed = by[2, 16, 2, True]["tokens_per_s"] / by[2, 1, 2, True]["tokens_per_s"]
-    lines += ["", f"At 16 clients on two adapters: {two['vs_one']:.1f}x the completion tokens/s of one-at-a-time serving ({streamed:.1f}x"
-              f" streamed, against one client streaming). 16 clients over 8"
-              f" distinct adapters: {many[8]['tokens_per_s'] / many[1]['tokens_per_s']:.2f}x the tokens/s of the same load on one adapter (32:"
-              f" {many[32]['tokens_per_s'] / many[1]['tokens_per_s']:.2f}x). Two adapters in use with 32 loaded: "
-              f"{many[2]['tokens_per_s'] / two['tokens_per_s']:.2f}x the tokens/s with only those 2 loaded. At 64 clients:"
-              f" {by[2, 64, 2, False]['answered']} admitted and answered, {by[2, 64, 2, False]['rejected_429']} turned away with 429,"
-              f" {sum(r['failed'] for r in rows)} failed in all."]
+    by = {_key(r): r for r in rows}
+    said = {name: f"{m:.2f}x ({low:.2f}-{high:.2f})" for name, (m, low, high) in ratios.items()}
+    lines += ["", f"At 16 clients on two adapters: {by[2, 16, 2, False]['vs_one']:.1f}x the completion tokens/s of one-at-a-time serving;"
+              f" streamed, against one client streaming: {said['streamed']}. 16 clients over 8 distinct adapters: {said['8 vs 1']} the"
+              f" tokens/s of the same load on one adapter (32: {said['32 vs 1']}). Two adapters in use with 32 loaded: {said['32 loaded vs 2']}"
+              f" the tokens/s with only those 2 loaded. Ratios are medians (lowest-highest) over the repeats of each repeat's own pair of"
+              f" levels, which the machine's drift between repeats leaves alone. At 64 clients: {by[2, 64, 2, False]['answered']} admitted and"
+              f" answered, {by[2, 64, 2, False]['rejected_429']} turned away with 429, {sum(r['failed'] for r in rows)} failed in all."]
     return "\n".join(lines)
 
 
@@ -261,7 +277,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=64, help="requests per level (twice as many at 64 clients)")
+    ap.add_argument("--requests", type=int, default=128,
+                    help="requests per level (twice as many at 64 clients); at 64 a 16-client level lasted ~1.3 s and its repeats spread ~10%%")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--device", default="cpu")
@@ -278,12 +295,12 @@ def main() -> None:
         dirs = build(Path(work), spec)
         runs = [repeat(dirs, spec) for _ in range(spec["repeats"])]
     env = environment(spec)
-    rows = summary(runs)
-    text = table(spec, rows)
+    rows, ratios = summary(runs), paired(runs)
+    text = table(spec, rows, ratios)
     print(text)
     suffix = "" if args.shape == "tiny" else f"-{args.shape}"
     out = Path(args.out or ROOT / "benchmarks" / f"serve{suffix}.json")
-    out.write_text(json.dumps({"spec": spec, "environment": env, "results": rows, "repeats": runs}, indent=2) + "\n")
+    out.write_text(json.dumps({"spec": spec, "environment": env, "results": rows, "ratios": ratios, "repeats": runs}, indent=2) + "\n")
     if args.results:
         title = f"Serving: concurrent clients and many adapters ({'the tiny model' if args.shape == 'tiny' else 'SmolLM2-135M shape'})"
         command = " ".join(["python benchmarks/serve.py", *sys.argv[1:]])

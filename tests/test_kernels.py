@@ -78,8 +78,9 @@ def test_chunked_greedy_and_top_k_equal_argmax_and_topk(vocab):
         rows = [0, 3, 5]
         for k in (1, 5, 50):
             if k <= vocab:
-                ours, theirs = sampler._top(logits, maxima, rows, k), logits[rows].topk(k).indices
+                (ours, values), theirs = sampler._top(logits, maxima, rows, k), logits[rows].topk(k).indices
                 sub = logits[rows]
+                assert torch.equal(values, sub.gather(1, ours))
                 # the same values; the same ids where no value ties at the k-th place
                 assert torch.equal(sub.gather(1, ours).sort(-1).values, sub.gather(1, theirs).sort(-1).values)
                 if trial % 4:

@@ -102,8 +102,9 @@ def _candidates(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], top
     ks = [min(k, vocab) if k else vocab for k in top_k]
     ids = None
     if max(ks) < vocab:  # sampling needs only these columns: a softmax over (b, k) instead of (b, V)
-        ids = _top(logits, maxima, rows, max(ks)).sort(-1).values
-        logits = _pick(logits, torch.tensor(rows, device=logits.device)[:, None], ids)
+        ids, values = _top(logits, maxima, rows, max(ks))
+        ids, order = ids.sort(-1)
+        logits = values.gather(1, order)
     else:
         logits = logits[rows]
     limited = [r for r, k in enumerate(ks) if k < logits.shape[-1]]
@@ -137,11 +138,6 @@ def _chunks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits[:, :whole].view(rows, -1, _CHUNK), logits[:, whole:]
 
 
-def _pick(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """logits[rows, ids] for rows (b, 1) and ids (b, m), by flat index (faster than indexing with two tensors)."""
-    return logits.contiguous().take(rows * logits.shape[-1] + ids)
-
-
 def _greedy(logits: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
     """logits.argmax(-1), ties to the first column as there: the first chunk holding a row's maximum, then the
     first column of that chunk, or of the partial chunk after the whole ones (read along with the last whole one,
@@ -154,19 +150,19 @@ def _greedy(logits: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
     return torch.where(k < _CHUNK, at * _CHUNK + k, chunks.shape[1] * _CHUNK + k - _CHUNK)
 
 
-def _top(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], k: int) -> torch.Tensor:
-    """The ids of the k largest logits of each of `rows` (b, k), as logits[rows].topk(k) finds them (in another
-    order): among the whole chunks they lie in the k whose maxima are largest (k chunk maxima are k values of the
-    row, so its k-th largest value is at least their k-th largest); the partial chunk is read whole."""
+def _top(logits: torch.Tensor, maxima: torch.Tensor, rows: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids of the k largest logits of each of `rows` and those logits (b, k), as logits[rows].topk(k) finds
+    them (in another order): among the whole chunks they lie in the k whose maxima are largest (k chunk maxima
+    are k values of the row, so its k-th largest value is at least their k-th largest); the partial chunk is read whole."""
     chunks, tail = _chunks(logits)
     if k * _CHUNK * 4 > logits.shape[-1] or k > chunks.shape[1]:  # a wide top-k: few chunks to skip
-        return logits[rows].topk(k).indices
+        values, ids = logits[rows].topk(k)
+        return ids, values
     at = torch.tensor(rows, device=logits.device)
     picked = maxima[at, : chunks.shape[1]].topk(k).indices  # (b, k)
-    values = torch.cat([chunks[at[:, None], picked].flatten(1), tail[at]], 1)  # (b, k * _CHUNK + V % _CHUNK)
-    best = values.topk(k).indices
+    values, best = torch.cat([chunks[at[:, None], picked].flatten(1), tail[at]], 1).topk(k)  # of (b, k * _CHUNK + V % _CHUNK)
     chunk = picked.gather(1, (best // _CHUNK).clamp(max=k - 1))
-    return torch.where(best < k * _CHUNK, chunk * _CHUNK + best % _CHUNK, chunks.shape[1] * _CHUNK + best - k * _CHUNK)
+    return torch.where(best < k * _CHUNK, chunk * _CHUNK + best % _CHUNK, chunks.shape[1] * _CHUNK + best - k * _CHUNK), values
 
 
 def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
