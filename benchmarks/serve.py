@@ -1,6 +1,6 @@
 """`loramix serve` under concurrent clients and many adapters, against the same requests sent one at a time.
 
-    python benchmarks/serve.py                      # the tiny model, ~6 minutes on 2 CPU cores
+    python benchmarks/serve.py                      # the tiny model, ~4 minutes on 2 CPU cores
     python benchmarks/serve.py --shape smollm2      # SmolLM2-135M's shape (random weights), ~8 minutes
 
 A random-init base (GPT-2's real vocabulary) is saved as a model dir, 32 LoRA adapters of it (loramix's default
@@ -15,9 +15,10 @@ whole vocabulary, a full sort per row that no trained model needs).
   (server-sent events, a chunk per token), which gives the time to first text;
 - 16 clients on the 32-adapter server, the requests spread over 1, 2, 8 and 32 distinct adapters.
 
-The levels run in turn `--repeats` times, so that each ratio compares runs a minute apart; reported are medians over the repeats of
-completion tokens/s, of tokens/s relative to one client in the same repeat, and of the p50/p95 latency and time
-to first text of the answered requests; answered, 429s and failures are totals. Prints a table, writes JSON (every
+Each server's levels run there and back (half the requests each way: a linear drift in the machine's speed then
+costs every level the same), and all of it `--repeats` times; reported are medians over the repeats of completion
+tokens/s, of tokens/s relative to one client in the same repeat (and of the other ratios within a repeat), and of
+the p50/p95 latency and time to first text of the answered requests; answered, 429s and failures are totals. Prints a table, writes JSON (every
 repeat) and replaces this benchmark's section of benchmarks/RESULTS.md.
 """
 
@@ -123,8 +124,9 @@ def _percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def level(url: str, bodies: list[dict], clients: int, distinct: int) -> dict:
-    """Send `bodies` from `clients` threads, each taking the next body when its last answer came."""
+def send(url: str, bodies: list[dict], clients: int) -> tuple[list[tuple], float]:
+    """Send `bodies` from `clients` threads, each taking the next body when its last answer came: every
+    request's outcome (as `post` gives it) and the seconds it all took."""
     results, lock, todo = [], threading.Lock(), list(reversed(bodies))
 
     def client():
@@ -143,15 +145,30 @@ def level(url: str, bodies: list[dict], clients: int, distinct: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - start
+    return results, time.perf_counter() - start
+
+
+def level(runs: list[tuple[list[tuple], float]], clients: int, distinct: int, streamed: bool) -> dict:
+    """One level's numbers over its runs (each as `send` returns it)."""
+    results, seconds = [r for rs, _ in runs for r in rs], sum(sec for _, sec in runs)
     ok = [r for r in results if r[0] == 200]
     latency, ttft = [r[1] for r in ok], [r[2] for r in ok if r[2] is not None]
     tokens = sum(r[3] for r in ok)
-    return {"clients": clients, "distinct": distinct, "streamed": bool(bodies[0].get("stream")), "requests": len(bodies), "answered": len(ok),
+    return {"clients": clients, "distinct": distinct, "streamed": streamed, "requests": len(results), "answered": len(ok),
             "rejected_429": sum(r[0] == 429 for r in results),
             "failed": sum(r[0] not in (200, 429) for r in results), "seconds": seconds, "completion_tokens": tokens,
             "tokens_per_s": tokens / seconds, "p50_s": _percentile(latency, 0.5), "p95_s": _percentile(latency, 0.95),
             "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95)}
+
+
+def there_and_back(url: str, levels: list[tuple[list[dict], int, int]]) -> list[dict]:
+    """Each (bodies, clients, distinct) level run twice, in order and then in reverse, and measured over both:
+    a drift in the machine's speed that is linear in time then costs every level the same."""
+    runs = {k: [] for k in range(len(levels))}
+    for k in [*range(len(levels)), *reversed(range(len(levels)))]:
+        bodies, clients, _ = levels[k]
+        runs[k].append(send(url, bodies, clients))
+    return [level(runs[k], clients, distinct, bool(bodies[0].get("stream"))) for k, (bodies, clients, distinct) in enumerate(levels)]
 
 
 def start_server(dirs: list[Path], spec: dict) -> tuple[subprocess.Popen, str]:
@@ -178,7 +195,7 @@ def start_server(dirs: list[Path], spec: dict) -> tuple[subprocess.Popen, str]:
 def serving(dirs: list[Path], spec: dict):
     proc, url = start_server(dirs, spec)
     try:
-        level(url, requests(16, spec["max_tokens"], 2), 16, 2)  # warm-up: the first level after it would pay the first batches' allocations
+        send(url, requests(16, spec["max_tokens"], 2), 16)  # warm-up: the first level after it would pay the first batches' allocations
         yield url
     finally:
         proc.terminate()
@@ -260,13 +277,14 @@ def replace_section(path: Path, key: str, title: str, env: dict, command: str, t
 
 
 def repeat(dirs: list[Path], spec: dict) -> list[dict]:
-    """One run of every level: the 2-adapter server's client counts, then the 32-adapter server's spreads."""
-    n, tokens, rows = spec["requests"], spec["max_tokens"], []
+    """One run of every level: the 2-adapter server's client counts, then the 32-adapter server's spreads; each
+    server's levels there and back, half the requests each way."""
+    half, tokens = spec["requests"] // 2, spec["max_tokens"]
     with serving(dirs[:2], spec) as url:
-        rows += [{"loaded": 2, **level(url, requests(n * (2 if c == 64 else 1), tokens, 2), c, 2)} for c in (1, 4, 16, 64)]
-        rows += [{"loaded": 2, **level(url, requests(n, tokens, 2, stream=True), c, 2)} for c in (1, 16)]
+        rows = [{"loaded": 2, **r} for r in there_and_back(url, [(requests(half * (2 if c == 64 else 1), tokens, 2), c, 2) for c in (1, 4, 16, 64)]
+                                                               + [(requests(half, tokens, 2, stream=True), c, 2) for c in (1, 16)])]
     with serving(dirs, spec) as url:
-        rows += [{"loaded": len(dirs), **level(url, requests(n, tokens, d), 16, d)} for d in (1, 2, 8, 32)]
+        rows += [{"loaded": len(dirs), **r} for r in there_and_back(url, [(requests(half, tokens, d), 16, d) for d in (1, 2, 8, 32)])]
     return rows
 
 

@@ -15,7 +15,7 @@ LAYERS = [
     ["errors"], ["files"], ["records"], ["config"], ["runtime"],
     ["data", "data.sources"], ["data.demo"], ["data.mixture"], ["data.tokens"], ["data.packing"], ["data.sampling"], ["data.prepare"],
     ["gguf_bases"], ["model"], ["loss"], ["probe"], ["evaluation"], ["tracking"], ["checkpoint"], ["artifacts"], ["card"],
-    ["serve", "serve.sampler", "serve.detokenizer", "serve.packed"], ["serve.lora"], ["serve.scheduler"],
+    ["serve", "serve.sampler", "serve.detokenizer", "serve.packed", "serve.kv"], ["serve.lora"], ["serve.scheduler"],
     ["training", "merging", "generation", "reporting"], ["serve.api"], ["serve.http"],
     ["commands"], ["cli"], ["__main__", "__init__"],
 ]

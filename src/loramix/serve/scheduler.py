@@ -12,6 +12,7 @@ position ids count each row's own tokens from 0 (GPT-2 has learned absolute posi
 those of the same request alone. Prefilling new prompts apart costs a second forward's overheads but runs
 only their tokens: in one forward with the running rows, every running row would run the longest prompt's
 width too (16 rows x 14 positions for one 14-token prompt). Columns no row needs any more go when rows leave.
+The cache's layers (serve/kv.py) keep room for more columns, so a decode step writes its column in place.
 
     decode    cache          | input  position        prefill (new prompts)  | inputs      positions
       row a   [- - p p t t]  | [t]    4                 row c                  | [-  p  p]   0 0 1
