@@ -17,8 +17,8 @@ adapter's columns (none for a base row): two matmuls, whose cost grows with R. G
 adapter, each adapter's padded to the most any has, and two batched matmuls run every adapter on its own tokens
 (ranks padded to the largest in use): SGMV's segments in one call. Those two stacks are gathered from the bank
 when the set of adapters in use changes (rows come and go), from those adapters only (32 loaded cost what the 2
-in use cost), and the last few are kept; rows joining a batch prefill on the batch's stack when it holds their
-adapters. DoRA folds its magnitude over the norm of W + scale BA into B too, and adds (that factor - 1) * (y -
+in use cost), and the last few are kept; rows joining a batch prefill on a kept stack holding their adapters,
+else on the stack the batch decodes on once they joined, built then. DoRA folds its magnitude over the norm of W + scale BA into B too, and adds (that factor - 1) * (y -
 bias). A token is a row of x flattened, so a layer that sees the batch folded into its tokens (OPT's MLP) is
 served like any other.
 
@@ -81,6 +81,7 @@ class Route:
     """One forward's rows: each one's slot (0: the base), and what the layers derive from them, cached."""
 
     slots: list[int]
+    joining: tuple[int, ...] | None = None  # rows joining a batch (a prefill): the slots of the batch's adapters
     used: tuple[int, ...] = ()  # the adapters' slots, without the base
     uniform: bool = False  # every row through the same adapter
     _memo: dict = field(default_factory=dict)
@@ -178,9 +179,11 @@ class _Layer:
 
     def plan(self, route: Route) -> _Plan | None:
         """None when no adapter of the route adapts this layer."""
-        key = (self.bank.version, route.used)
+        return self._plan((self.bank.version, route.used, route.joining is not None))
+
+    def _plan(self, key: tuple) -> _Plan | None:
         if key not in self._plans:
-            present = [s for s in route.used if s in self.rows]
+            present = [s for s in key[1] if s in self.rows]
             rows = tuple(self.rows[s] for s in present)
             self._plans[key] = _Plan(tuple((s, self.ranks[k]) for s, k in zip(present, rows)), rows,
                                      any(self.doras[k] for k in rows)) if rows else None
@@ -188,22 +191,33 @@ class _Layer:
                 del self._plans[next(iter(self._plans))]
         return self._plans[key]
 
-    def stack(self, plan: _Plan) -> _Plan:
-        """`plan` with its adapters' A and B stacked, or a kept plan stacked for at most twice its adapters, them
-        among them (rows join a batch a few at a time: their prefill runs on the batch's stack); found once."""
+    def stack(self, plan: _Plan, route: Route) -> _Plan:
+        """`plan` with its adapters' A and B stacked, or a kept plan stacked for them among others; found once.
+
+        A batch decodes on a kept stack of at most twice its adapters (every step pays for the others). Rows joining
+        a batch prefill once: on any kept stack holding their adapters, else on the one the batch will decode on
+        after they joined, built now (rows join a few at a time: with stacks of their own, every arrival built two)."""
         if plan.on is None:
-            wanted = set(plan.layout)
+            wanted, joining = set(plan.layout), route.joining is not None
             plan.on = next((kept for kept in self._plans.values() if kept is not None and kept.a is not None
-                            and wanted <= set(kept.layout) and len(kept.layout) <= 2 * len(wanted)), plan)
-        if plan.on is plan and plan.a is None:
-            ranks = [r for _, r in plan.layout]
-            if sum(ranks) > _GROUPED_ABOVE:
-                at = torch.tensor(plan.rows, device=self.a.device)
-                plan.grouped, plan.a, plan.b = True, self.a[:, : max(ranks)][at], self.b[:, : max(ranks)][at]
-            else:
-                plan.a = torch.cat([self.a[k, :r] for k, r in zip(plan.rows, ranks)])
-                plan.b = torch.cat([self.b[k, :r] for k, r in zip(plan.rows, ranks)])
+                            and wanted <= set(kept.layout) and (joining or len(kept.layout) <= 2 * len(wanted))), None)
+            if plan.on is None and joining:  # no kept stack holds plan's adapters, so none holds the batch's with them
+                plan.on = self._plan((self.bank.version, tuple(sorted({*route.used, *route.joining} - {0})), False))
+                plan.on.on = plan.on
+            plan.on = plan.on or plan
+        if plan.on.a is None:
+            self._build(plan.on)
         return plan.on
+
+    def _build(self, plan: _Plan) -> None:
+        """Gather `plan`'s A and B from the bank, side by side or grouped by the ranks in use."""
+        ranks = [r for _, r in plan.layout]
+        if sum(ranks) > _GROUPED_ABOVE:
+            at = torch.tensor(plan.rows, device=self.a.device)
+            plan.grouped, plan.a, plan.b = True, self.a[:, : max(ranks)][at], self.b[:, : max(ranks)][at]
+        else:
+            plan.a = torch.cat([self.a[k, :r] for k, r in zip(plan.rows, ranks)])
+            plan.b = torch.cat([self.b[k, :r] for k, r in zip(plan.rows, ranks)])
 
     def _hook(self, module, args, y: torch.Tensor) -> torch.Tensor | None:
         route = self.bank.route
@@ -220,7 +234,7 @@ class _Layer:
             (_, r), row = plan.layout[0], plan.rows[0]
             out.addmm_(x @ self.a[row, :r].T, self.b[row, :r])
             return out.view(y.shape)
-        stack = self.stack(plan)
+        stack = self.stack(plan, route)
         if not stack.grouped:
             out.addmm_((x @ stack.a.T) * route.own(stack.layout, n, x.device, x.dtype), stack.b)
         else:
@@ -302,10 +316,11 @@ class Adapters:
         self.version += 1
 
     @contextlib.contextmanager
-    def routed(self, adapters: list[str]) -> Iterator[None]:
-        """A forward whose rows run through `adapters` (names, or BASE), in order."""
-        slots = [0 if a == BASE else self.slots[a] for a in adapters]
-        self.route = Route(slots)
+    def routed(self, adapters: list[str], joining: list[str] | None = None) -> Iterator[None]:
+        """A forward whose rows run through `adapters` (names, or BASE), in order; `joining`: the adapters of the
+        batch these rows are joining (their prefill), if any."""
+        slot = lambda a: 0 if a == BASE else self.slots[a]
+        self.route = Route([slot(a) for a in adapters], None if joining is None else tuple(slot(a) for a in joining))
         if self._experts:
             self._route_experts(self.route)
         try:
