@@ -18,9 +18,9 @@ adapter, each adapter's padded to the most any has, and two batched matmuls run 
 (ranks padded to the largest in use): SGMV's segments in one call. Those two stacks are gathered from the bank
 when the set of adapters in use changes (rows come and go), from those adapters only (32 loaded cost what the 2
 in use cost), and the last few are kept; rows joining a batch prefill on a kept stack holding their adapters,
-else on the stack the batch decodes on once they joined, built then. DoRA folds its magnitude over the norm of W + scale BA into B too, and adds (that factor - 1) * (y -
-bias). A token is a row of x flattened, so a layer that sees the batch folded into its tokens (OPT's MLP) is
-served like any other.
+else on the stack the batch decodes on once they joined, built then. DoRA folds its magnitude over the norm of
+W + scale BA into B too, and adds (that factor - 1) * (y - bias). A token is a row of x flattened, so a layer that
+sees the batch folded into its tokens (OPT's MLP) is served like any other.
 
 Measured by benchmarks/lora_kernels.py (one thread, this project's CPUs; every adapted layer of SmolLM2-135M, rank
 8, each layer's own weights; ms per forward, side by side / grouped): decode of 16 rows over 2 adapters 3.5 / 9.9,
