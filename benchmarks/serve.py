@@ -18,8 +18,8 @@ whole vocabulary, a full sort per row that no trained model needs).
 Each server's levels run there and back (half the requests each way: a linear drift in the machine's speed then
 costs every level the same), and all of it `--repeats` times; reported are medians over the repeats of completion
 tokens/s, of tokens/s relative to one client in the same repeat (and of the other ratios within a repeat), and of
-the p50/p95 latency and time to first text of the answered requests; answered, 429s and failures are totals. Prints a table, writes JSON (every
-repeat) and replaces this benchmark's section of benchmarks/RESULTS.md.
+the p50/p95 latency and time to first text of the answered requests; answered, 429s and failures are totals.
+Prints a table, writes JSON (every repeat) and replaces this benchmark's section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -368,13 +368,8 @@ def _prefill_inputs(new: list[Sequence], device) -> tuple[list[Sequence], torch.
 def _join(a: _Rows, b: _Rows) -> _Rows:
     """Two batches as one, the narrower one's rows padded on the left with masked columns."""
     width = max(a.mask.shape[1], b.mask.shape[1])
-    parts, masks = [], []
-    for rows in (a, b):
-        pad = width - rows.mask.shape[1]
-        parts.append([(F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))) for layer in rows.cache.layers])  # (B, H, L, D)
-        masks.append(F.pad(rows.mask, (pad, 0)))
-    joined = [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(*parts)]
-    return _Rows(a.seqs + b.seqs, kv.cache(joined), torch.cat(masks))
+    masks = [F.pad(rows.mask, (width - rows.mask.shape[1], 0)) for rows in (a, b)]
+    return _Rows(a.seqs + b.seqs, kv.join([a.cache, b.cache], width), torch.cat(masks))
 
 
 def _select(rows: _Rows, keep: list[int]) -> _Rows:
