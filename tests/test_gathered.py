@@ -100,15 +100,15 @@ def _seqs(names: list[str], tokens: int = 6) -> list[Sequence]:
 @pytest.mark.parity
 @pytest.mark.parametrize("grouped_above", [48, 0], ids=["side-by-side", "grouped"])
 def test_every_row_gets_its_adapters_logits_in_one_batch(adapters, grouped_above, monkeypatch):
-    """Both kernels of a mixed batch: the adapters' A and B side by side (these few ranks), and grouped by adapter.
-    Rows join the running batch twice: first with adapters it lacks (their prefill builds the stack the batch then
-    decodes on), then on two of its adapters (their prefill runs on that kept stack)."""
+    """Both decode kernels of a mixed batch: the adapters' A and B side by side (these few ranks), and grouped by
+    adapter. Rows join the running batch twice, first with adapters it lacks (two rows of one: a run of two in
+    their prefill, sorted together), then on two of its adapters."""
     monkeypatch.setattr("loramix.serve.lora._GROUPED_ABOVE", grouped_above)
     kind, dirs = adapters
     stock, served = _stock(kind, dirs), Adapters(_stock(kind, dirs))
     assert served.mixes and sorted(served.names) == sorted(dirs)
     names, half = list(dirs), len(dirs) // 2
-    groups = [[*names[:half], BASE], [*names[half:], names[0], BASE], [names[0], names[-1]]]
+    groups = [[*names[:half], BASE], [names[-1], *names[half:], names[0], BASE], [names[0], names[-1]]]
     seqs, scheduler = _seqs([n for g in groups for n in g]), Scheduler(served, hf_tokenizer("bytelevel"), max_batch=16)
     first, later, last = seqs[: len(groups[0])], seqs[len(groups[0]) : -len(groups[2])], seqs[-len(groups[2]) :]
     seen = _run(scheduler, first, lambda k: scheduler.submit({2: later, 4: last}.get(k, [])), [*later, *last])

@@ -4,21 +4,24 @@ PEFT loads the adapters: the format, and what a config means (ranks, alphas, rsL
 patterns). Serving computes them its own way. PEFT's mixed batches (`adapter_names=`) loop in Python over a
 batch's distinct adapters, index each one's rows, run two matmuls and scatter back, so the cost grows with every
 adapter in the batch. Here each adapted linear layer adds to its base output y = base(x), with x's tokens as rows,
-in one of three ways:
+in one of four ways:
 
     one adapter:   delta = x @ A.T @ B.T                                   every row through the same adapter
-    side by side:  delta = ((x @ A.T) * own) @ B.T                         mixed, <= 48 ranks in use
-    grouped:       delta[tokens of a] = bmm(x[tokens of a], A_a.T, B_a.T)  mixed, more ranks
+    prefill:       delta[s] = x[s] @ A_a.T @ B_a.T                         mixed prompts: s, the tokens of a run of rows
+    side by side:  delta = ((x @ A.T) * own) @ B.T                         mixed decode, <= 48 ranks in use
+    grouped:       delta[tokens of a] = bmm(x[tokens of a], A_a.T, B_a.T)  mixed decode, more ranks
 
 Each layer keeps its adapters as one bank (A and B.T of each, ranks zero-padded to the largest, B with its
-adapter's scale in): one adapter runs on views of it. Side by side, A (R, in) and B (out, R) hold the A
+adapter's scale in): one adapter runs on views of it, and so does a prefill of mixed prompts, one run of rows
+(consecutive rows of one adapter: the scheduler sorts the prompts it admits by adapter) at a time, its tokens a
+slice of x. Side by side, A (R, in) and B (out, R) hold the A
 and B of the adapters in use, each at its own rank (R in all), and `own` (tokens, R) keeps each token's own
 adapter's columns (none for a base row): two matmuls, whose cost grows with R. Grouped, the tokens are sorted by
 adapter, each adapter's padded to the most any has, and two batched matmuls run every adapter on its own tokens
 (ranks padded to the largest in use): SGMV's segments in one call. Those two stacks are gathered from the bank
-when the set of adapters in use changes (rows come and go), from those adapters only (32 loaded cost what the 2
-in use cost), and the last few are kept; rows joining a batch prefill on a kept stack holding their adapters,
-else on the stack the batch decodes on once they joined, built then. DoRA folds its magnitude over the norm of
+when the set of adapters a batch decodes with changes (rows come and go), from those adapters only (32 loaded cost
+what the 2 in use cost), and the last few are kept. A prefill builds none: its rows' few adapters would be run on
+a stack of others too, or build one used once. DoRA folds its magnitude over the norm of
 W + scale BA into B too, and adds (that factor - 1) * (y - bias). A token is a row of x flattened, so a layer that
 sees the batch folded into its tokens (OPT's MLP) is served like any other.
 
@@ -81,7 +84,6 @@ class Route:
     """One forward's rows: each one's slot (0: the base), and what the layers derive from them, cached."""
 
     slots: list[int]
-    joining: tuple[int, ...] | None = None  # rows joining a batch (a prefill): the slots of the batch's adapters
     used: tuple[int, ...] = ()  # the adapters' slots, without the base
     uniform: bool = False  # every row through the same adapter
     _memo: dict = field(default_factory=dict)
@@ -119,6 +121,13 @@ class Route:
             rows[[slot for slot, _ in plan.layout]] = torch.tensor(plan.rows) + 1
             return rows[self.tokens(n)].to(device)
         return self._cached(("bank", plan.layout, plan.rows, n), build)
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(slot, first row, row past the last) of each run of consecutive rows through one adapter."""
+        def build():
+            starts = [k for k in range(len(self.slots)) if k == 0 or self.slots[k] != self.slots[k - 1]]
+            return [(self.slots[k], k, end) for k, end in zip(starts, [*starts[1:], len(self.slots)])]
+        return self._cached("runs", build)
 
     def _cached(self, key, build):
         if key not in self._memo:
@@ -179,7 +188,7 @@ class _Layer:
 
     def plan(self, route: Route) -> _Plan | None:
         """None when no adapter of the route adapts this layer."""
-        return self._plan((self.bank.version, route.used, route.joining is not None))
+        return self._plan((self.bank.version, route.used))
 
     def _plan(self, key: tuple) -> _Plan | None:
         if key not in self._plans:
@@ -191,20 +200,13 @@ class _Layer:
                 del self._plans[next(iter(self._plans))]
         return self._plans[key]
 
-    def stack(self, plan: _Plan, route: Route) -> _Plan:
-        """`plan` with its adapters' A and B stacked, or a kept plan stacked for them among others; found once.
-
-        A batch decodes on a kept stack of at most twice its adapters (every step pays for the others). Rows joining
-        a batch prefill once: on any kept stack holding their adapters, else on the one the batch will decode on
-        after they joined, built now (rows join a few at a time: with stacks of their own, every arrival built two)."""
+    def stack(self, plan: _Plan) -> _Plan:
+        """`plan` with its adapters' A and B stacked, or a kept plan stacked for them among at most as many others
+        (every step pays for those); found once."""
         if plan.on is None:
-            wanted, joining = set(plan.layout), route.joining is not None
+            wanted = set(plan.layout)
             plan.on = next((kept for kept in self._plans.values() if kept is not None and kept.a is not None
-                            and wanted <= set(kept.layout) and (joining or len(kept.layout) <= 2 * len(wanted))), None)
-            if plan.on is None and joining:  # no kept stack holds plan's adapters, so none holds the batch's with them
-                plan.on = self._plan((self.bank.version, tuple(sorted({*route.used, *route.joining} - {0})), False))
-                plan.on.on = plan.on
-            plan.on = plan.on or plan
+                            and wanted <= set(kept.layout) and len(kept.layout) <= 2 * len(wanted)), plan)
         if plan.on.a is None:
             self._build(plan.on)
         return plan.on
@@ -234,7 +236,14 @@ class _Layer:
             (_, r), row = plan.layout[0], plan.rows[0]
             out.addmm_(x @ self.a[row, :r].T, self.b[row, :r])
             return out.view(y.shape)
-        stack = self.stack(plan, route)
+        if n > len(route.slots):  # a prefill: a run of rows is a slice of x, their tokens in order
+            per_row = n // len(route.slots)
+            for slot, first, end in route.runs():
+                if slot in self.rows:
+                    row, rows = self.rows[slot], slice(first * per_row, end * per_row)
+                    out[rows].addmm_(x[rows] @ self.a[row, : self.ranks[row]].T, self.b[row, : self.ranks[row]])
+            return out.view(y.shape)
+        stack = self.stack(plan)
         if not stack.grouped:
             out.addmm_((x @ stack.a.T) * route.own(stack.layout, n, x.device, x.dtype), stack.b)
         else:
@@ -316,11 +325,10 @@ class Adapters:
         self.version += 1
 
     @contextlib.contextmanager
-    def routed(self, adapters: list[str], joining: list[str] | None = None) -> Iterator[None]:
-        """A forward whose rows run through `adapters` (names, or BASE), in order; `joining`: the adapters of the
-        batch these rows are joining (their prefill), if any."""
-        slot = lambda a: 0 if a == BASE else self.slots[a]
-        self.route = Route([slot(a) for a in adapters], None if joining is None else tuple(slot(a) for a in joining))
+    def routed(self, adapters: list[str]) -> Iterator[None]:
+        """A forward whose rows run through `adapters` (names, or BASE), in order (a prefill is fastest with each
+        adapter's rows together)."""
+        self.route = Route([0 if a == BASE else self.slots[a] for a in adapters])
         if self._experts:
             self._route_experts(self.route)
         try:

@@ -247,7 +247,7 @@ class Scheduler:
                 else:  # another adapter, on a model that cannot mix them: it waits, in order
                     passed.append(seq)
             self._waiting.extendleft(reversed(passed))
-        return new
+        return sorted(new, key=lambda seq: seq.adapter)  # each adapter's prompts together: one slice of the prefill each
 
     def _guarded(self, seqs: list[Sequence], forward: Callable[[], T]) -> T | None:
         """What `forward` returns; if it fails, its rows fail (None) and the queue is spared."""
@@ -267,14 +267,14 @@ class Scheduler:
         if running:
             parts.append(self._run(*_decode_inputs(running, device)))
         if new:
-            parts.append(self._run(*_prefill_inputs(new, device), joining=[s.adapter for s in running.seqs] if running else []))
+            parts.append(self._run(*_prefill_inputs(new, device)))
         rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0])
         return rows, parts[0][1] if len(parts) == 1 else torch.cat([logits for _, logits in parts])
 
     def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-             cache: DynamicCache, joining: list[str | None] | None = None) -> tuple[_Rows, torch.Tensor]:
-        """One forward of `seqs`; `joining`: for a prefill, the adapters of the running rows it will join."""
-        routed = self.adapters.routed([s.adapter for s in seqs], joining) if self.adapters else contextlib.nullcontext()
+             cache: DynamicCache) -> tuple[_Rows, torch.Tensor]:
+        """One forward of `seqs`."""
+        routed = self.adapters.routed([s.adapter for s in seqs]) if self.adapters else contextlib.nullcontext()
         with torch.inference_mode(), routed:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         return _Rows(seqs, cache, mask), out.logits[:, -1].float()
