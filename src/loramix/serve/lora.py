@@ -66,7 +66,8 @@ class _Plan:
     grouped: bool = False
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
-    on: _Plan | None = None  # the plan whose stack its kernels run on: itself, or a kept one holding its adapters
+    on: _Plan | None = None  # a kept plan holding its adapters among others, whose stack its kernels run on, if any
+    found: bool = False  # whether `on` was looked for (not `on = self`: a cycle would keep an evicted stack until gc)
 
 
 @dataclass
@@ -203,13 +204,14 @@ class _Layer:
     def stack(self, plan: _Plan) -> _Plan:
         """`plan` with its adapters' A and B stacked, or a kept plan stacked for them among at most as many others
         (every step pays for those); found once."""
-        if plan.on is None:
+        if not plan.found:
             wanted = set(plan.layout)
-            plan.on = next((kept for kept in self._plans.values() if kept is not None and kept.a is not None
-                            and wanted <= set(kept.layout) and len(kept.layout) <= 2 * len(wanted)), plan)
-        if plan.on.a is None:
-            self._build(plan.on)
-        return plan.on
+            plan.on, plan.found = next((kept for kept in self._plans.values() if kept is not None and kept.a is not None
+                                        and wanted <= set(kept.layout) and len(kept.layout) <= 2 * len(wanted)), None), True
+        stacked = plan.on or plan
+        if stacked.a is None:
+            self._build(stacked)
+        return stacked
 
     def _build(self, plan: _Plan) -> None:
         """Gather `plan`'s A and B from the bank, side by side or grouped by the ranks in use."""
