@@ -369,6 +369,52 @@ def test_the_growing_cache_holds_what_transformers_cache_holds(monkeypatch):
             ours.batch_select_indices(rows), theirs.batch_select_indices(rows)
 
 
+@pytest.mark.unit
+@torch.inference_mode()  # as the scheduler's forwards, which the buffers are made in
+def test_rows_join_and_leave_the_cache_in_place(monkeypatch):
+    """Rows joining (a narrower batch, then a wider one) and leaving (with leading columns cut), decode steps
+    between: the cache holds what padding, concatenating and indexing would, and a join or departure that fits
+    the room writes into the same buffers, moving only the rows that change place."""
+    monkeypatch.setattr(kv, "_ROOM", 4)
+    gen = torch.Generator().manual_seed(0)
+    states = lambda rows, columns: [torch.randn(rows, 2, columns, 3, generator=gen) for _ in range(2)]
+    left = lambda t, width: torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
+
+    def prefill(rows, columns):
+        cache, new = kv.cache(), states(rows, columns)
+        cache.update(*new, 0)
+        return cache, new
+
+    batch, ref = prefill(3, 5)
+    joins = {1: (2, 2), 2: (1, 3), 5: (1, 10), 6: (1, 20)}  # rows, columns; in place at 2 (room for rows) and 5 (columns cut)
+    for step in range(9):
+        if step in joins:
+            new, part = prefill(*joins[step])
+            width = max(ref[0].shape[-2], part[0].shape[-2])
+            before = batch.layers[0]._buffers[0].data_ptr()
+            kv.join(batch, new, width, most_rows=8)
+            ref = [torch.cat([left(r, width), left(p, width)]) for r, p in zip(ref, part)]
+            assert (batch.layers[0]._buffers[0].data_ptr() == before) == (step in (2, 5))
+        if step == 4:  # rows 0 and 2 of 6 leave: the last two take their places; 2 columns cut
+            order = kv.compact([1, 3, 4, 5])
+            assert order == [4, 1, 5, 3]
+            before = batch.layers[0]._buffers[0].data_ptr()
+            kv.select(batch, order, 2)
+            ref = [r[order][:, :, 2:] for r in ref]
+            assert batch.layers[0]._buffers[0].data_ptr() == before
+        new = states(len(ref[0]), 1)
+        out = batch.update(*new, 0)
+        ref = [torch.cat([r, n], -2) for r, n in zip(ref, new)]
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    batch.layers[0].crop(-1)  # views replaced: a selection indexes them, the next update copies them into new buffers
+    ref = [r[:, :, :-1][[1, 0]] for r in ref]
+    kv.select(batch, [1, 0], 0)
+    new = states(2, 1)
+    for a, r, n in zip(batch.update(*new, 0), ref, new):
+        torch.testing.assert_close(a, torch.cat([r, n], -2), atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------- adapters loaded and unloaded while serving
 
 

@@ -12,7 +12,8 @@ position ids count each row's own tokens from 0 (GPT-2 has learned absolute posi
 those of the same request alone. Prefilling new prompts apart costs a second forward's overheads but runs
 only their tokens: in one forward with the running rows, every running row would run the longest prompt's
 width too (16 rows x 14 positions for one 14-token prompt). Columns no row needs any more go when rows leave.
-The cache's layers (serve/kv.py) keep room for more columns, so a decode step writes its column in place.
+The cache's layers (serve/kv.py) keep room for more rows and columns, so a decode step writes its column in
+place, rows joining are copied into the room for rows, and rows leaving make way for the last ones.
 
     decode    cache          | input  position        prefill (new prompts)  | inputs      positions
       row a   [- - p p t t]  | [t]    4                 row c                  | [-  p  p]   0 0 1
@@ -268,7 +269,7 @@ class Scheduler:
             parts.append(self._run(*_decode_inputs(running, device)))
         if new:
             parts.append(self._run(*_prefill_inputs(new, device)))
-        rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0])
+        rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0], self.max_batch)
         return rows, parts[0][1] if len(parts) == 1 else torch.cat([logits for _, logits in parts])
 
     def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -365,18 +366,20 @@ def _prefill_inputs(new: list[Sequence], device) -> tuple[list[Sequence], torch.
     return new, *(torch.tensor(x, device=device) for x in (ids, positions, mask)), kv.cache()
 
 
-def _join(a: _Rows, b: _Rows) -> _Rows:
-    """Two batches as one, the narrower one's rows padded on the left with masked columns."""
+def _join(a: _Rows, b: _Rows, most_rows: int) -> _Rows:
+    """`b`'s rows after `a`'s (whose cache takes them in), the narrower one's rows padded on the left with masked
+    columns."""
     width = max(a.mask.shape[1], b.mask.shape[1])
     masks = [F.pad(rows.mask, (width - rows.mask.shape[1], 0)) for rows in (a, b)]
-    return _Rows(a.seqs + b.seqs, kv.join([a.cache, b.cache], width), torch.cat(masks))
+    kv.join(a.cache, b.cache, width, most_rows)
+    return _Rows(a.seqs + b.seqs, a.cache, torch.cat(masks))
 
 
 def _select(rows: _Rows, keep: list[int]) -> _Rows:
-    """The batch's rows `keep`, without the leading columns none of them uses any more (a row's tokens are its
-    last columns): rows and columns picked in one copy."""
-    index = torch.tensor(keep, device=rows.mask.device)
-    mask = rows.mask[index]
+    """The batch's rows `keep` (in the order that moves fewest in the cache), without the leading columns none of
+    them uses any more (a row's tokens are its last columns)."""
+    order = kv.compact(keep)
+    mask = rows.mask[torch.tensor(order, device=rows.mask.device)]
     cut = mask.shape[1] - int(mask.sum(1).max())
-    layers = [(layer.keys[index, :, cut:], layer.values[index, :, cut:]) for layer in rows.cache.layers]
-    return _Rows([rows.seqs[k] for k in keep], kv.cache(layers), mask[:, cut:])
+    kv.select(rows.cache, order, cut)
+    return _Rows([rows.seqs[k] for k in order], rows.cache, mask[:, cut:])
