@@ -10,6 +10,8 @@ a cache that one layer's repeats keep warm), by:
 - BGMV: each token's own A and B gathered ((tokens, r, in) and (tokens, r, out)) for two batched matmuls, as
   Punica's and LoRAX's decode kernels do on GPUs;
 - SGMV: tokens sorted by adapter, two matmuls per adapter on its segment, scattered back;
+- segments: SGMV on tokens that come sorted by adapter (a prefill's rows, admitted sorted: serve/lora.py's), each
+  adapter's delta added in place to its slice of the output, no gather, no scatter;
 - grouped: SGMV's segments padded to the longest, as one batch of two batched matmuls (serve/lora.py's).
 
 Over the layers of the tiny GPT-2 (2 x c_attn, attention c_proj, MLP c_proj) or SmolLM2-135M (30 x q, k, v, o,
@@ -54,7 +56,9 @@ def _layer(fan_in: int, fan_out: int, tokens: int, k: int) -> dict:
         gather[j, :c] = order[start : start + c]
         start += c
     kept = torch.arange(m)[None] < torch.tensor(counts)[:, None]
-    return {"x": torch.randn(tokens, fan_in), "w": torch.randn(fan_out, fan_in), "a": a, "b": b, "slots": slots, "order": order, "counts": counts,
+    x = torch.randn(tokens, fan_in)
+    return {"x": x, "x_sorted": x[order], "unsorted": torch.argsort(order), "w": torch.randn(fan_out, fan_in), "a": a, "b": b, "slots": slots,
+            "order": order, "counts": counts,
             "a_stack": a.reshape(k * RANK, fan_in), "b_stack": b.transpose(0, 1).reshape(fan_out, k * RANK).T.contiguous(),
             "own": (torch.arange(k * RANK)[None] // RANK == slots[:, None]).float(),
             "a_t": a.transpose(1, 2).contiguous(), "b_t": b.transpose(1, 2).contiguous(),
@@ -79,20 +83,28 @@ def sgmv(p):
     return out
 
 
+def segments(p):
+    out, start = torch.zeros(len(p["x"]), p["b"].shape[1]), 0
+    for j, c in enumerate(p["counts"]):
+        out[start : start + c].addmm_(p["x_sorted"][start : start + c] @ p["a"][j].T, p["b_t"][j])
+        start += c
+    return out  # in the sorted tokens' order
+
+
 def grouped(p):
     k, fan_in = p["a"].shape[0], p["x"].shape[1]
     delta = torch.bmm(torch.bmm(p["x"][p["gather"]].view(k, -1, fan_in), p["a"].transpose(1, 2)), p["b_t"]).flatten(0, 1)
     return torch.zeros(len(p["x"]), p["b"].shape[1]).index_add_(0, p["dest"], delta if p["keep"] is None else delta[p["keep"]])
 
 
-KERNELS = {"stacked": stacked, "bgmv": bgmv, "sgmv": sgmv, "grouped": grouped}
+KERNELS = {"stacked": stacked, "bgmv": bgmv, "sgmv": sgmv, "segments": segments, "grouped": grouped}
 
 
 def model(shape: str, tokens: int, k: int, repeats: int) -> dict[str, float]:
     """Milliseconds of the base matmuls and of each kernel over every adapted layer of one forward; the kernels agree."""
     n_layers, layers = SHAPES[shape]
     params = [_layer(i, o, tokens, k) for _ in range(n_layers) for i, o in layers]
-    for f in (bgmv, sgmv, grouped):
+    for f in (bgmv, sgmv, grouped, lambda p: segments(p)[p["unsorted"]]):
         torch.testing.assert_close(f(params[0]), stacked(params[0]), atol=1e-3, rtol=1e-4)
     times = {"base": _time(lambda: [p["x"] @ p["w"].T for p in params], repeats)}
     return times | {name: _time(lambda f=f: [f(p) for p in params], repeats) for name, f in KERNELS.items()}
@@ -107,10 +119,10 @@ def main() -> None:
                 if k <= tokens:
                     rows.append({"shape": shape, "phase": phase, "tokens": tokens, "adapters": k,
                                  **model(shape, tokens, k, 15 if phase == "decode" else 5)})
-    lines = ["| shape | phase | tokens | adapters in use | base matmuls ms | stacked ms | BGMV ms | SGMV ms | grouped ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | phase | tokens | adapters in use | base matmuls ms | stacked ms | BGMV ms | SGMV ms | segments ms | grouped ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['shape']} | {r['phase']} | {r['tokens']} | {r['adapters']} | {r['base']:.2f} | {r['stacked']:.2f} | {r['bgmv']:.2f} |"
-              f" {r['sgmv']:.2f} | {r['grouped']:.2f} |" for r in rows]
+              f" {r['sgmv']:.2f} | {r['segments']:.2f} | {r['grouped']:.2f} |" for r in rows]
     print("\n".join(lines))
     (ROOT / "benchmarks" / "lora_kernels.json").write_text(json.dumps({"rank": RANK, "threads": 1, "results": rows}, indent=2) + "\n")
 

@@ -11,26 +11,27 @@ in one of four ways:
     side by side:  delta = ((x @ A.T) * own) @ B.T                         mixed decode, <= 48 ranks in use
     grouped:       delta[tokens of a] = bmm(x[tokens of a], A_a.T, B_a.T)  mixed decode, more ranks
 
-Each layer keeps its adapters as one bank (A and B.T of each, ranks zero-padded to the largest, B with its
-adapter's scale in): one adapter runs on views of it, and so does a prefill of mixed prompts, one run of rows
-(consecutive rows of one adapter: the scheduler sorts the prompts it admits by adapter) at a time, its tokens a
-slice of x. Side by side, A (R, in) and B (out, R) hold the A
-and B of the adapters in use, each at its own rank (R in all), and `own` (tokens, R) keeps each token's own
-adapter's columns (none for a base row): two matmuls, whose cost grows with R. Grouped, the tokens are sorted by
-adapter, each adapter's padded to the most any has, and two batched matmuls run every adapter on its own tokens
-(ranks padded to the largest in use): SGMV's segments in one call. Those two stacks are gathered from the bank
-when the set of adapters a batch decodes with changes (rows come and go), from those adapters only (32 loaded cost
-what the 2 in use cost), and the last few are kept. A prefill builds none: its rows' few adapters would be run on
-a stack of others too, or build one used once. DoRA folds its magnitude over the norm of
-W + scale BA into B too, and adds (that factor - 1) * (y - bias). A token is a row of x flattened, so a layer that
-sees the batch folded into its tokens (OPT's MLP) is served like any other.
+Each layer keeps its adapters as one bank (A and B.T of each, ranks zero-padded to the largest, B with its adapter's
+scale in): one adapter runs on views of it, and so does a prefill of mixed prompts, one run of rows (consecutive
+rows of one adapter: the scheduler sorts the prompts it admits by adapter) at a time, its tokens a slice of x. Side
+by side, A (R, in) and B (out, R) hold the A and B of the adapters in use, each at its own rank (R in all), and
+`own` (tokens, R) keeps each token's own adapter's columns (none for a base row): two matmuls, whose cost grows with
+R. Grouped, the tokens are sorted by adapter, each adapter's padded to the most any has, and two batched matmuls run
+every adapter on its own tokens (ranks padded to the largest in use): SGMV's segments in one call. Those two stacks
+are gathered from the bank when the set of adapters a batch decodes with changes (rows come and go), from those
+adapters only (32 loaded cost what the 2 in use cost), and the last few are kept. A prefill builds none: its rows'
+few adapters would be run on a stack of others too, or build one used once. DoRA folds its magnitude over the norm
+of W + scale BA into B too, and adds (that factor - 1) * (y - bias). A token is a row of x flattened, so a layer
+that sees the batch folded into its tokens (OPT's MLP) is served like any other.
 
 Measured by benchmarks/lora_kernels.py (one thread, this project's CPUs; every adapted layer of SmolLM2-135M, rank
-8, each layer's own weights; ms per forward, side by side / grouped): decode of 16 rows over 2 adapters 3.5 / 9.9,
-over 8 16.9 / 14.3, over 16 31.7 / 20.9; prefill of 224 tokens over 2 47 / 102, over 8 107 / 97, over 32 276 / 108.
-Gathering each token's A and B for two batched matmuls (BGMV, the GPU systems' decode kernel) took 26-46 ms in
-decode, and a Python loop over the adapters (SGMV) 13-54. Over 8 adapters, decode reads 8 adapters' weights (about
-80 MB at this shape against ~540 MB for the base), which bounds it on these CPUs whatever the kernel.
+8, each layer's own weights; ms per forward, 2026-12-03, an hour when the base's matmuls took 88 ms for 16 decode
+rows): decode of 16 rows over 2 adapters 6.8 side by side / 15.7 grouped, over 8 22.5 / 22.8, over 16 41.4 / 30.2.
+A prefill of 224 tokens sorted by adapter, run by run (segments): over 2 adapters 83, over 8 102, over 16 115,
+against 55 / 132, 123 / 133 and 233 / 180 side by side / grouped, which would first build a stack used once.
+Gathering each token's A and B for two batched matmuls (BGMV, the GPU systems' decode kernel) took 39-60 ms in
+decode, and segments that gather and scatter the tokens (SGMV) 21-78. Over 8 adapters, decode reads 8 adapters'
+weights (about 80 MB at this shape against ~540 MB for the base), which bounds it on these CPUs whatever the kernel.
 
 LoRA on a mixture of experts' stacked weights (PEFT's target_parameters) cannot be split by token: a model with
 such adapters runs one adapter's rows per forward (`mixes` is False), through PEFT's own expert path.
