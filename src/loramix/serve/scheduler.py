@@ -248,7 +248,7 @@ class Scheduler:
                 else:  # another adapter, on a model that cannot mix them: it waits, in order
                     passed.append(seq)
             self._waiting.extendleft(reversed(passed))
-        return sorted(new, key=lambda seq: seq.adapter)  # each adapter's prompts together: one slice of the prefill each
+        return sorted(new, key=lambda seq: seq.adapter or "")  # each adapter's prompts together (None: no adapters)
 
     def _guarded(self, seqs: list[Sequence], forward: Callable[[], T]) -> T | None:
         """What `forward` returns; if it fails, its rows fail (None) and the queue is spared."""
