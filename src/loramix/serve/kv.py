@@ -97,8 +97,9 @@ def select(cache: DynamicCache, order: list[int], cut: int) -> None:
     """Keep the rows `order` (from `compact`) of every layer, less its first `cut` columns: the rows that change
     place are moved within the buffers (a layer whose views were replaced is indexed, and copied at its next update)."""
     moves = [(k, row) for k, row in enumerate(order) if k != row]
+    in_place = all(row >= len(order) for _, row in moves)  # no row moves onto one still to be read
     for layer in cache.layers:
-        if layer._fits(len(order), 0, 0) and all(row >= len(order) for _, row in moves):
+        if in_place and layer._fits(len(order), 0, 0):
             for buffer in layer._buffers:
                 for k, row in moves:
                     buffer[k, :, layer._start + cut : layer._end] = buffer[row, :, layer._start + cut : layer._end]
