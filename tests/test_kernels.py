@@ -37,8 +37,8 @@ def test_the_packed_head_gives_the_stock_logits_and_keeps_the_weights():
 @pytest.mark.unit
 @pytest.mark.parametrize("dora", [False, True])
 def test_packed_base_layers_under_lora_give_the_same_logits(dora):
-    """A Llama-shaped layer whose MLP projections are large enough to pack, LoRA (or DoRA) on attention and MLP:
-    PEFT's base layers are packed, LoRA's own layers and the small projections are not, the logits stay."""
+    """A Llama-shaped layer, LoRA (or DoRA) on attention and MLP: PEFT's base layers are packed, LoRA's own layers
+    are not; the logits stay, for one token (MKL below a layer's threshold of rows) and for many (packed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -46,15 +46,21 @@ def test_packed_base_layers_under_lora_give_the_same_logits(dora):
                          num_key_value_heads=4, max_position_embeddings=64)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], use_dora=dora,
                                                                 init_lora_weights=False)).eval()
-    ids = torch.randint(0, 1000, (2, 9))
+    batches = [torch.randint(0, 1000, (2, 9)), torch.randint(0, 1000, (1, 1))]
     with torch.inference_mode():
-        before = model(input_ids=ids).logits
-    assert pack_linears(model) == 3  # gate, up, down (512 x 2,048); q, k, v, o (512 x 512) and the head (1,000 x 512) are smaller
+        before = [model(input_ids=ids).logits for ids in batches]
+    assert pack_linears(model) == 8  # gate, up, down (1M weights: packed from 1 row); q, k, v, o and the head (512K, 262K: from 2)
     mlp, attention = unwrap(model).model.layers[0].mlp, unwrap(model).model.layers[0].self_attn
     assert type(mlp.up_proj.base_layer).__name__ == "_Packed" and type(mlp.up_proj.lora_A["default"]) is torch.nn.Linear
-    assert type(mlp.gate_proj).__name__ == "_Packed" and type(attention.q_proj.base_layer) is torch.nn.Linear
+    assert type(mlp.gate_proj).__name__ == "_Packed" and type(attention.q_proj.base_layer).__name__ == "_Packed"
+    assert (mlp.gate_proj.packed_from, attention.k_proj.packed_from) == (1, 2)
+    calls = []
+    for layer in (mlp.gate_proj, attention.k_proj):  # which kernel ran: the packed one, or the layer's own (MKL)
+        layer.original.register_forward_hook(lambda m, args, out: calls.append(("own", args[0].shape[:-1].numel())))
     with torch.inference_mode():
-        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=0)
+        for ids, logits in zip(batches, before):
+            torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-5, rtol=0)
+    assert calls == [("own", 1)]  # k_proj for the single token; gate_proj is packed from one row
 
 
 @pytest.mark.unit

@@ -138,6 +138,16 @@ def token_nll(model, batch: Batch) -> torch.Tensor:
     return nll
 
 
+def head_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM `lm`'s logits (N, V) in fp32 for hidden states (N, C): its head, then its own forward's scale
+    and soft cap (generation's counterpart of `head_nll`)."""
+    logits = lm.get_output_embeddings()(hidden).float()
+    scale, softcap = logit_scale(lm.config), getattr(lm.config, "final_logit_softcapping", None)
+    if scale != 1.0:
+        logits = logits * scale
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
 def logit_scale(config) -> float:
     """What the model's causal-LM head multiplies its logits by: Granite divides them by `logits_scaling`,
     Cohere multiplies them by `logit_scale` (read from the config, whatever the model type)."""

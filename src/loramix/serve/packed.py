@@ -15,32 +15,39 @@ class _Packed(torch.nn.Module):
     Parameters stay as they were: tied embeddings, the state dict, the fingerprint and PEFT (which reads a base
     layer's weight, e.g. for DoRA) still see them."""
 
-    def __init__(self, layer: torch.nn.Module, weight: torch.Tensor):
+    def __init__(self, layer: torch.nn.Module, weight: torch.Tensor, packed_from: int):
         super().__init__()
         self.weight, self.bias = layer.weight, layer.bias
-        self.__dict__["original"] = layer  # not a submodule: for `unpacked`, outside the state dict
+        self.__dict__["original"] = layer  # not a submodule: for `unpacked` and fewer rows, outside the state dict
+        self.packed_from = packed_from  # rows (tokens) from which the packed kernel is the faster
         # packed for 16 rows: any hint of 4 or more measured the same from 1 to 32 rows, a hint of 1 was slower everywhere
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)  # (out, in); a plain attribute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < self.packed_from * x.shape[-1]:
+            return self.original(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-# Smaller layers stay with MKL: oneDNN's call costs more there for one row (128 x 384: 20 against 7 us; 768 x
-# 768: 53 against 48). From ~1M weights packing is as fast for one row and 1.5x faster for 16 (512 x 2,048: 77
-# against 76-90 us, 322 against 463-494), one thread on this project's CPUs.
-_PACKED_AT_LEAST = 1 << 20
+# Rows (tokens) from which oneDNN's packed kernel beats MKL's, by the layer's weights (one thread, this project's
+# CPUs, us for 1 / 2 / 16 rows, MKL against packed): MKL's call is cheaper for one row of a small layer (128 x 384:
+# 7 against 21; 576 x 576: 20 against 31), but from 2 rows MKL takes a slow path on these AMD CPUs (576 x 576: 40
+# against 34, 156 against 74 at 16; 576 x 1,536: 442 against 170 at 16) and from ~1M weights packing wins at one row
+# too (896 x 4,864: 1,025 against 298). Under 64K weights (GPT-2's width 128 attention) MKL is as fast up to ~32 rows.
+_PACKED_FROM = ((1 << 20, 1), (192 << 10, 2), (64 << 10, 16))  # (at least this many weights, packed from this many rows)
 
 
 def pack_linears(model) -> int:
-    """Run the model's large linear layers (nn.Linear, GPT-2's Conv1D, the LM head; not LoRA's own) through
-    oneDNN with their weights packed, for generation on CPU in fp32; returns how many it packed.
+    """Run the model's linear layers (nn.Linear, GPT-2's Conv1D, the LM head; not LoRA's own) through oneDNN with
+    their weights packed, for generation on CPU in fp32, from the rows where that is faster (_PACKED_FROM); returns
+    how many it packed.
 
     MKL's kernels for the few rows of a decode step are slow on this project's AMD CPUs, most of all for the
     (out, in) weight of an nn.Linear. One thread: GPT-2's 50,257-token head at width 128 takes 3.3 ms for one row
     and 6.5 for 16 through MKL, 1.0 and 2.9 packed; a Qwen2-0.5B-sized MLP projection (896 -> 4,864) 0.88 and 3.1
-    ms, 0.54 and 1.6 packed. The cost is a second copy of each packed weight in memory (GPT-2 124M: +0.5 GB).
-    Left alone: layers under _PACKED_AT_LEAST weights, on another device or in another dtype, other module types.
+    ms, 0.54 and 1.6 packed. The cost is a second copy of each packed weight in memory (GPT-2 124M: +0.5 GB,
+    SmolLM2-135M: +0.5 GB). Left alone: layers under 64K weights, on another device or in another dtype, other
+    module types.
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -51,10 +58,11 @@ def pack_linears(model) -> int:
         if "lora_" in path or type(child) not in (torch.nn.Linear, Conv1D):
             continue
         weight = child.weight if type(child) is torch.nn.Linear else child.weight.t()  # Conv1D keeps (in, out)
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= _PACKED_AT_LEAST:
-            found.append((parent, child_name, child, weight))
-    for parent, child_name, child, weight in found:
-        setattr(parent, child_name, _Packed(child, weight))
+        rows = next((rows for least, rows in _PACKED_FROM if weight.numel() >= least), None)
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and rows:
+            found.append((parent, child_name, child, weight, rows))
+    for parent, child_name, child, weight, rows in found:
+        setattr(parent, child_name, _Packed(child, weight, rows))
     return len(found)
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from loramix.loss import head_logits
+from loramix.model import unwrap
 from loramix.serve import kv
 from loramix.serve.detokenizer import Detokenizer, cut_at_stop, settled
 from loramix.serve.lora import Adapters
@@ -263,22 +265,27 @@ class Scheduler:
 
     def _forward(self, running: _Rows | None, new: list[Sequence]) -> tuple[_Rows, torch.Tensor]:
         """The batch after this step's forwards (decode, prefill or both, joined), and the logits (B, V) of every
-        row's last position, each row through its own adapter."""
+        row's last position, each row through its own adapter. The bodies run apart, the LM head once on all rows:
+        its weights are read once a step (GPT-2's head, 25 MB, is most of a tiny model's step)."""
         device, parts = self.model.device, []
         if running:
             parts.append(self._run(*_decode_inputs(running, device)))
         if new:
             parts.append(self._run(*_prefill_inputs(new, device)))
         rows = parts[0][0] if len(parts) == 1 else _join(parts[0][0], parts[1][0], self.max_batch)
-        return rows, parts[0][1] if len(parts) == 1 else torch.cat([logits for _, logits in parts])
+        hidden = parts[0][1] if len(parts) == 1 else torch.cat([hidden for _, hidden in parts])
+        with torch.inference_mode(), self._routed(rows.seqs):  # an adapter may adapt the head too
+            return rows, head_logits(unwrap(self.model), hidden)
 
     def _run(self, seqs: list[Sequence], ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
              cache: DynamicCache) -> tuple[_Rows, torch.Tensor]:
-        """One forward of `seqs`."""
-        routed = self.adapters.routed([s.adapter for s in seqs]) if self.adapters else contextlib.nullcontext()
-        with torch.inference_mode(), routed:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        return _Rows(seqs, cache, mask), out.logits[:, -1].float()
+        """One forward of `seqs` through the model's body: their rows, and each one's last hidden state (B, C)."""
+        with torch.inference_mode(), self._routed(seqs):
+            out = unwrap(self.model).base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return _Rows(seqs, cache, mask), out.last_hidden_state[:, -1]
+
+    def _routed(self, seqs: list[Sequence]) -> contextlib.AbstractContextManager:
+        return self.adapters.routed([s.adapter for s in seqs]) if self.adapters else contextlib.nullcontext()
 
     # ------------------------------------------------------------ sampling and text
 
