@@ -18,7 +18,7 @@ from loramix.serve.sampler import Sampling
 from loramix.serve.scheduler import Scheduler, Sequence
 
 LLAMA = {  # name -> PEFT config: every rank, alpha and target set differs
-    "q4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "q4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]),  # the head too: it runs once a step, on all rows
     "all8rs": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "dora2": dict(r=2, lora_alpha=3, use_dora=True, target_modules=["q_proj", "o_proj", "down_proj"]),
     "pattern": dict(r=6, lora_alpha=6, target_modules=["k_proj", "up_proj"], rank_pattern={"up_proj": 3}, alpha_pattern={"k_proj": 12}),
