@@ -9,9 +9,10 @@ other adapters wait for them to drain. Adapters are added and removed between st
 
 Rows share the cache's columns: a row's tokens are its last columns, left-padded with masked ones, and
 position ids count each row's own tokens from 0 (GPT-2 has learned absolute positions), so a row's logits are
-those of the same request alone. Prefilling new prompts apart costs a second forward's overheads but runs
-only their tokens: in one forward with the running rows, every running row would run the longest prompt's
-width too (16 rows x 14 positions for one 14-token prompt). Columns no row needs any more go when rows leave.
+those of the same request alone. Prefilling new prompts apart costs a second pass through the model's body but
+runs only their tokens: in one forward with the running rows, every running row would run the longest prompt's
+width too (16 rows x 14 positions for one 14-token prompt). The LM head then runs once, on every row's last hidden
+state. Columns no row needs any more go when rows leave.
 The cache's layers (serve/kv.py) keep room for more rows and columns, so a decode step writes its column in
 place, rows joining are copied into the room for rows, and rows leaving make way for the last ones.
 
