@@ -15,7 +15,8 @@ a cache that one layer's repeats keep warm), by:
 - grouped: SGMV's segments padded to the longest, as one batch of two batched matmuls (serve/lora.py's).
 
 Over the layers of the tiny GPT-2 (2 x c_attn, attention c_proj, MLP c_proj) or SmolLM2-135M (30 x q, k, v, o,
-gate, up, down), against the base layers' own matmuls. Prints a table, writes benchmarks/lora_kernels.json.
+gate, up, down), against the base layers' own matmuls: as the server runs them (`serve/packed.py`: oneDNN on packed
+weights from the rows where that wins) and through MKL alone. Prints a table, writes benchmarks/lora_kernels.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from loramix.serve.packed import pack_linears
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": (2, [(128, 384), (128, 128), (512, 128)]),
@@ -106,7 +109,14 @@ def model(shape: str, tokens: int, k: int, repeats: int) -> dict[str, float]:
     params = [_layer(i, o, tokens, k) for _ in range(n_layers) for i, o in layers]
     for f in (bgmv, sgmv, grouped, lambda p: segments(p)[p["unsorted"]]):
         torch.testing.assert_close(f(params[0]), stacked(params[0]), atol=1e-3, rtol=1e-4)
-    times = {"base": _time(lambda: [p["x"] @ p["w"].T for p in params], repeats)}
+    base = torch.nn.ModuleList(torch.nn.Linear(p["w"].shape[1], p["w"].shape[0], bias=False) for p in params)
+    with torch.no_grad():
+        for linear, p in zip(base, params):
+            linear.weight.copy_(p["w"])
+    pack_linears(base)
+    with torch.inference_mode():
+        times = {"base": _time(lambda: [linear(p["x"]) for linear, p in zip(base, params)], repeats),
+                 "base_mkl": _time(lambda: [p["x"] @ p["w"].T for p in params], repeats)}
     return times | {name: _time(lambda f=f: [f(p) for p in params], repeats) for name, f in KERNELS.items()}
 
 
@@ -119,10 +129,11 @@ def main() -> None:
                 if k <= tokens:
                     rows.append({"shape": shape, "phase": phase, "tokens": tokens, "adapters": k,
                                  **model(shape, tokens, k, 15 if phase == "decode" else 5)})
-    lines = ["| shape | phase | tokens | adapters in use | base matmuls ms | stacked ms | BGMV ms | SGMV ms | segments ms | grouped ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['shape']} | {r['phase']} | {r['tokens']} | {r['adapters']} | {r['base']:.2f} | {r['stacked']:.2f} | {r['bgmv']:.2f} |"
-              f" {r['sgmv']:.2f} | {r['segments']:.2f} | {r['grouped']:.2f} |" for r in rows]
+    lines = ["| shape | phase | tokens | adapters in use | base matmuls ms (served) | MKL alone ms | stacked ms | BGMV ms | SGMV ms | segments ms |"
+             " grouped ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['shape']} | {r['phase']} | {r['tokens']} | {r['adapters']} | {r['base']:.2f} | {r['base_mkl']:.2f} | {r['stacked']:.2f} |"
+              f" {r['bgmv']:.2f} | {r['sgmv']:.2f} | {r['segments']:.2f} | {r['grouped']:.2f} |" for r in rows]
     print("\n".join(lines))
     (ROOT / "benchmarks" / "lora_kernels.json").write_text(json.dumps({"rank": RANK, "threads": 1, "results": rows}, indent=2) + "\n")
 

@@ -25,13 +25,15 @@ of W + scale BA into B too, and adds (that factor - 1) * (y - bias). A token is 
 that sees the batch folded into its tokens (OPT's MLP) is served like any other.
 
 Measured by benchmarks/lora_kernels.py (one thread, this project's CPUs; every adapted layer of SmolLM2-135M, rank
-8, each layer's own weights; ms per forward, 2026-12-03, an hour when the base's matmuls took 88 ms for 16 decode
-rows): decode of 16 rows over 2 adapters 6.8 side by side / 15.7 grouped, over 8 22.5 / 22.8, over 16 41.4 / 30.2.
-A prefill of 224 tokens sorted by adapter, run by run (segments): over 2 adapters 83, over 8 102, over 16 115,
-against 55 / 132, 123 / 133 and 233 / 180 side by side / grouped, which would first build a stack used once.
-Gathering each token's A and B for two batched matmuls (BGMV, the GPU systems' decode kernel) took 39-60 ms in
-decode, and segments that gather and scatter the tokens (SGMV) 21-78. Over 8 adapters, decode reads 8 adapters'
-weights (about 80 MB at this shape against ~540 MB for the base), which bounds it on these CPUs whatever the kernel.
+8, each layer's own weights; ms per forward, 2026-12-07; the base's matmuls took 32-36 ms for 16 decode rows as
+served, 66-70 through MKL alone): decode of 16 rows over 2 adapters 6.6 side by side / 9.6 grouped, over 8 17.0 /
+12.5, over 16 30.6 / 18.5. A prefill of 224 tokens sorted by adapter, run by run (segments): over 2 adapters 53,
+over 8 54, over 16 77, against 47 / 75, 126 / 88 and 218 / 105 side by side / grouped, which would first build a
+stack used once. Gathering each token's A and B for two batched matmuls (BGMV, the GPU systems' decode kernel)
+took 21-25 ms in decode, and segments that gather and scatter the tokens (SGMV) 11-47. Over 8 adapters a decode
+step reads ~80 MB of LoRA weights at this shape (~10 MB for one), ~2.5 ms at one core's 35 GB/s: the grouped
+kernel's time is mostly its small ops (~15 us each, four a layer against one adapter's two), so a layer input's
+gathered tokens are shared by the layers that read it (q, k and v; gate and up).
 
 LoRA on a mixture of experts' stacked weights (PEFT's target_parameters) cannot be split by token: a model with
 such adapters runs one adapter's rows per forward (`mixes` is False), through PEFT's own expert path.
@@ -115,6 +117,13 @@ class Route:
             keep = None if places.all() else places.flatten().nonzero().squeeze(1).to(device)
             return _Groups(gather.flatten().to(device), keep, torch.cat(members).to(device), m)
         return self._cached(("groups", layout, n), build)
+
+    def grouped_input(self, x: torch.Tensor, layout: tuple, groups: _Groups) -> torch.Tensor:
+        """A layer input's tokens in `groups`' order (adapters, m, C), gathered once per input tensor and layout: q, k
+        and v (gate and up) read the same tensor. The memo holds the tensor, so its id is not reused meanwhile."""
+        def build():
+            return x, x.reshape(-1, x.shape[-1])[groups.gather].view(len(layout), groups.m, -1)
+        return self._cached(("input", id(x), layout), build)[1]
 
     def bank_rows(self, plan: _Plan, n: int, device) -> torch.Tensor:
         """(n,): each token's row of its layer's DoRA table (its adapter's bank row + 1; 0: none of the plan's)."""
@@ -251,7 +260,7 @@ class _Layer:
             out.addmm_((x @ stack.a.T) * route.own(stack.layout, n, x.device, x.dtype), stack.b)
         else:
             g = route.groups(stack.layout, n, x.device)
-            delta = torch.bmm(torch.bmm(x[g.gather].view(len(stack.layout), g.m, -1), stack.a.transpose(1, 2)), stack.b).flatten(0, 1)
+            delta = torch.bmm(torch.bmm(route.grouped_input(args[0], stack.layout, g), stack.a.transpose(1, 2)), stack.b).flatten(0, 1)
             out.index_add_(0, g.dest, delta if g.keep is None else delta[g.keep])
         return out.view(y.shape)
 
