@@ -74,12 +74,8 @@ def head_nll(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, soft
     weight, bias = head.weight, getattr(head, "bias", None)
     if not weight.requires_grad and bias is None:
         return LinearCrossEntropy.apply(h, weight, targets, chunk, softcap, scale)
-    pieces = []
-    for i in range(0, len(targets), chunk):
-        logits = head(h[i : i + chunk]).float() * scale
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        pieces.append(F.cross_entropy(logits, targets[i : i + chunk], reduction="none"))
+    pieces = [F.cross_entropy(_logits(head, h[i : i + chunk], scale, softcap), targets[i : i + chunk], reduction="none")
+              for i in range(0, len(targets), chunk)]
     return torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
 
 
@@ -141,8 +137,12 @@ def token_nll(model, batch: Batch) -> torch.Tensor:
 def head_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     """The causal LM `lm`'s logits (N, V) in fp32 for hidden states (N, C): its head, then its own forward's scale
     and soft cap (generation's counterpart of `head_nll`)."""
-    logits = lm.get_output_embeddings()(hidden).float()
-    scale, softcap = logit_scale(lm.config), getattr(lm.config, "final_logit_softcapping", None)
+    return _logits(lm.get_output_embeddings(), hidden, logit_scale(lm.config), getattr(lm.config, "final_logit_softcapping", None))
+
+
+def _logits(head: torch.nn.Module, h: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """head(h) in fp32, multiplied by `scale`, then soft-capped at `softcap` (out of place: autograd may run through it)."""
+    logits = head(h).float()
     if scale != 1.0:
         logits = logits * scale
     return softcap * torch.tanh(logits / softcap) if softcap else logits
