@@ -30,6 +30,10 @@ def test_the_packed_head_gives_the_stock_logits_and_keeps_the_weights():
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits, whole, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(input_ids=ids, logits_to_keep=1).logits, last, atol=1e-5, rtol=0)  # a strided (B, 1, d) slice
+        # one row runs on the head's (in, out) copy, two on the packed one: zeroing the packed weights shows which ran
+        model.lm_head.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(model.lm_head.weight), 16)
+        torch.testing.assert_close(model(input_ids=ids[1:2], logits_to_keep=1).logits, last[1:2], atol=1e-5, rtol=0)
+        assert not model(input_ids=ids[:2], logits_to_keep=1).logits.any()
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
     assert set(model.state_dict()) == keys and base_fingerprint(model) == fingerprint
 
