@@ -302,7 +302,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="the server's torch threads (0: torch's default); 1 leaves the other core of 2 to the HTTP loop and the clients"
-                         " (torch's default of 2 measured ~35%% fewer tokens/s at 16 clients)")
+                         " (torch's default of 2 measured 10-17%% fewer tokens/s for one client, 7-22%% more at 16 on 2026-12-07;"
+                         " ~35%% fewer at 16 on an earlier day)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every level, in turn; medians are reported")
     ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/serve.json, serve-smollm2.json for --shape smollm2)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="markdown file whose section to replace ('' for none)")
