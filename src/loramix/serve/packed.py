@@ -1,4 +1,5 @@
-"""The packed-weight kernel: large linear layers through oneDNN on weights packed once, for generation on CPU."""
+"""The packed-weight kernel: large linear layers through oneDNN on weights packed once, and an LM head's single row
+through MKL on its weight stored (in, out), for generation on CPU."""
 
 from __future__ import annotations
 
