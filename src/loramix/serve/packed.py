@@ -56,9 +56,9 @@ def pack_linears(model) -> int:
     how many it packed.
 
     MKL's kernels for the few rows of a decode step are slow on this project's AMD CPUs, most of all for the
-    (out, in) weight of an nn.Linear. One thread: GPT-2's 50,257-token head at width 128 takes 3.3 ms for one row
-    and 6.5 for 16 through MKL, 1.0 and 2.9 packed; a Qwen2-0.5B-sized MLP projection (896 -> 4,864) 0.88 and 3.1
-    ms, 0.54 and 1.6 packed. One row of an LM head runs best through MKL on its weight stored (in, out) (_COLUMNS_FROM).
+    (out, in) weight of an nn.Linear. One thread: GPT-2's 50,257-token head at width 128 takes 6.5 ms for 16 rows
+    through MKL, 2.9 packed; a Qwen2-0.5B-sized MLP projection (896 -> 4,864) 0.88 and 3.1 ms for one row and 16,
+    0.54 and 1.6 packed. One row of an LM head runs best through MKL on its weight stored (in, out) (_COLUMNS_FROM).
     The cost is a second copy of each packed weight in memory (GPT-2 124M: +0.5 GB, SmolLM2-135M: +0.5 GB) and a third
     of the head's (+154 MB, +113 MB). Left alone: layers under 64K weights, on another device or in another dtype, other
     module types.
